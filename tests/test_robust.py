@@ -1,0 +1,202 @@
+"""Robust aggregators against independent solvers (scipy) and closed forms."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import optimize, special
+
+from methods.robust import (
+    chi2_weights,
+    group_weights,
+    kl_constrained,
+    kl_weights,
+    softmin_weights,
+    tv_weights,
+)
+
+RNG = np.random.default_rng(0)
+CASES = [RNG.normal(size=20) * s + m for s, m in [(1, 0), (3, 2), (0.1, -1)]] + [RNG.exponential(size=15)]
+
+
+def primal(losses, constraint, q=None):
+    """max_p p·l over the simplex subject to constraint(p) >= 0, by SLSQP from several starts."""
+    n = len(losses)
+    q = np.full(n, 1 / n) if q is None else q
+    cons = [{"type": "eq", "fun": lambda p: p.sum() - 1}, {"type": "ineq", "fun": constraint}]
+    best = None
+    for start in (q, 0.7 * q + 0.3 * np.eye(n)[np.argmax(losses)]):
+        res = optimize.minimize(
+            lambda p: -p @ losses,
+            start,
+            jac=lambda p: -losses,
+            bounds=[(0, 1)] * n,
+            constraints=cons,
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 2000},
+        )
+        if best is None or res.fun < best.fun:
+            best = res
+    return -best.fun, best.x
+
+
+@pytest.mark.parametrize("losses", CASES)
+@pytest.mark.parametrize("rho", [0.01, 0.1, 0.5, 2.0])
+def test_chi2_matches_primal_and_dual(losses, rho):
+    p, value = chi2_weights(torch.tensor(losses), rho)
+    n = len(losses)
+    ref_value, ref_p = primal(losses, lambda p: rho - 0.5 * n * ((p - 1 / n) ** 2).sum())
+    dual = optimize.minimize_scalar(
+        lambda eta: eta + math.sqrt(1 + 2 * rho) * math.sqrt(np.mean(np.maximum(losses - eta, 0) ** 2)),
+        bounds=(losses.min() - 100, losses.max()),
+        method="bounded",
+        options={"xatol": 1e-12},
+    )
+    assert float(value) == pytest.approx(dual.fun, abs=1e-6)
+    assert float(value) == pytest.approx(ref_value, abs=1e-5)
+    np.testing.assert_allclose(p.numpy(), ref_p, atol=1e-4)
+    assert float(p @ torch.tensor(losses)) == pytest.approx(float(value), abs=1e-9)
+
+
+@pytest.mark.parametrize("losses", CASES)
+@pytest.mark.parametrize("eps", [0.001, 0.05, 0.3, 1.0])
+def test_kl_ball_matches_primal(losses, eps):
+    p, value = kl_constrained(torch.tensor(losses), eps)
+    n = len(losses)
+    ref_value, ref_p = primal(losses, lambda p: eps - np.sum(special.xlogy(p, n * p)))
+    assert float(value) == pytest.approx(ref_value, abs=1e-5)
+    np.testing.assert_allclose(p.numpy(), ref_p, atol=1e-4)
+    kl = float(np.sum(special.xlogy(p.numpy(), n * p.numpy())))
+    assert kl == pytest.approx(eps, rel=1e-6)
+
+
+@pytest.mark.parametrize("losses", CASES)
+@pytest.mark.parametrize("rho", [0.0, 0.05, 0.3, 0.8, 1.0])
+def test_tv_matches_linear_program(losses, rho):
+    p, value = tv_weights(torch.tensor(losses), rho)
+    n = len(losses)
+    # variables [p (n), t (n)]: max l·p, |p - 1/n| <= t, 0.5·sum t <= rho, sum p = 1
+    c = np.concatenate([-losses, np.zeros(n)])
+    eye = np.eye(n)
+    a_ub = np.block([[eye, -eye], [-eye, -eye], [np.zeros((1, n)), 0.5 * np.ones((1, n))]])
+    b_ub = np.concatenate([np.full(n, 1 / n), np.full(n, -1 / n), [rho]])
+    a_eq = np.concatenate([np.ones(n), np.zeros(n)])[None]
+    res = optimize.linprog(c, a_ub, b_ub, a_eq, [1.0], bounds=[(0, None)] * (2 * n), method="highs")
+    assert float(value) == pytest.approx(-res.fun, abs=1e-9)
+    np.testing.assert_allclose(p.numpy(), res.x[:n], atol=1e-9)
+
+
+@pytest.mark.parametrize("losses", CASES)
+@pytest.mark.parametrize("tau", [0.05, 0.5, 5.0])
+def test_kl_penalized_closed_form(losses, tau):
+    p, value = kl_weights(torch.tensor(losses), tau)
+    n = len(losses)
+    assert float(value) == pytest.approx(tau * (special.logsumexp(losses / tau) - math.log(n)), abs=1e-10)
+    np.testing.assert_allclose(p.numpy(), special.softmax(losses / tau), atol=1e-12)
+    # It is the penalized sup: sup_P E_P l - tau·KL(P||U), attained at p.
+    kl = np.sum(special.xlogy(p.numpy(), n * p.numpy()))
+    assert float(p.numpy() @ losses - tau * kl) == pytest.approx(float(value), abs=1e-9)
+
+
+@pytest.mark.parametrize("beta_prime", [0.1, 1.0, 10.0])
+def test_softmin_closed_form(beta_prime):
+    losses = CASES[1]
+    p, value = softmin_weights(torch.tensor(losses), beta_prime)
+    expected = -beta_prime * (special.logsumexp(-losses / beta_prime) - math.log(len(losses)))
+    assert float(value) == pytest.approx(expected, abs=1e-10)
+    np.testing.assert_allclose(p.numpy(), special.softmax(-losses / beta_prime), atol=1e-12)
+    assert float(value) <= losses.mean()
+
+
+def test_group_weights_by_hand():
+    losses = torch.tensor([1.0, 3.0, 2.0, 0.5, 4.0])
+    groups = torch.tensor([0, 0, 1, 2, 2])
+    alpha = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    p, value, new_alpha = group_weights(losses, groups, alpha, eta_alpha=0.7)
+    group_loss = np.array([2.0, 2.0, 2.25])
+    a = np.array([0.5, 0.3, 0.2]) * np.exp(0.7 * group_loss)
+    a /= a.sum()
+    np.testing.assert_allclose(new_alpha.numpy(), a, atol=1e-12)
+    np.testing.assert_allclose(p.numpy(), [a[0] / 2, a[0] / 2, a[1], a[2] / 2, a[2] / 2], atol=1e-7)
+    assert float(value) == pytest.approx(float(a @ group_loss), abs=1e-6)
+
+
+@pytest.mark.parametrize("fn", [chi2_weights, kl_constrained, tv_weights])
+def test_weighted_base_equals_repeated_samples(fn):
+    atoms = torch.tensor([0.3, 2.0, -1.0, 0.7])
+    counts = torch.tensor([3, 1, 5, 2])
+    p_w, v_w = fn(atoms.double(), 0.2, base=(counts / counts.sum()).double())
+    expanded = atoms.repeat_interleave(counts).double()
+    p_e, v_e = fn(expanded, 0.2)
+    assert float(v_w) == pytest.approx(float(v_e), abs=1e-8)
+    folded = torch.zeros(4, dtype=torch.float64).index_add_(0, torch.arange(4).repeat_interleave(counts), p_e)
+    np.testing.assert_allclose(p_w.numpy(), folded.numpy(), atol=1e-7)
+
+
+ALL = [
+    (chi2_weights, 0.3),
+    (kl_constrained, 0.2),
+    (tv_weights, 0.3),
+    (kl_weights, 0.5),
+    (softmin_weights, 0.5),
+]
+
+
+@pytest.mark.parametrize("fn,radius", ALL)
+def test_edge_all_equal_and_single(fn, radius):
+    for losses in (torch.full((7,), 2.5), torch.tensor([3.0])):
+        p, value = fn(losses, radius)
+        assert torch.allclose(p, torch.full_like(p, 1 / len(p)))
+        assert float(value) == pytest.approx(float(losses[0]), abs=1e-6)
+
+
+@pytest.mark.parametrize("fn", [chi2_weights, kl_constrained, tv_weights])
+def test_edge_zero_radius_is_the_mean(fn):
+    losses = torch.tensor(CASES[0])
+    p, value = fn(losses, 0.0)
+    assert float(value) == pytest.approx(float(losses.mean()), abs=1e-12)
+    assert torch.allclose(p, torch.full_like(p, 1 / len(p)))
+
+
+def test_edge_kl_temperature_limits():
+    losses = torch.tensor(CASES[1])
+    for tau in (0.0, 1e-12, 1e-6):
+        p, value = kl_weights(losses, tau)
+        assert float(value) == pytest.approx(float(losses.max()), abs=1e-5)
+        assert int(p.argmax()) == int(losses.argmax()) and float(p.max()) == pytest.approx(1.0, abs=1e-6)
+    for tau in (1e8, 1e15):
+        p, value = kl_weights(losses, tau)
+        assert float(value) == pytest.approx(float(losses.mean()), abs=1e-6)
+        assert torch.allclose(p, torch.full_like(p, 1 / len(p)), atol=1e-8)
+
+
+@pytest.mark.parametrize("fn,radius", ALL)
+def test_edge_huge_losses_shift_exactly(fn, radius):
+    base = torch.tensor(CASES[0])
+    p0, v0 = fn(base, radius)
+    p1, v1 = fn(base + 1e4, radius)
+    assert torch.isfinite(v1) and float(v1) == pytest.approx(float(v0) + 1e4, abs=1e-7)
+    assert torch.allclose(p0, p1, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn,radius", ALL)
+def test_edge_nan_is_a_clear_error(fn, radius):
+    with pytest.raises(ValueError, match="NaN"):
+        fn(torch.tensor([1.0, float("nan"), 2.0]), radius)
+
+
+@pytest.mark.parametrize("fn", [chi2_weights, kl_constrained, tv_weights, kl_weights])
+def test_negative_radius_is_a_clear_error(fn):
+    with pytest.raises(ValueError, match="must lie in"):
+        fn(torch.tensor([1.0, 2.0]), -0.1)
+
+
+def test_chi2_large_n_is_fast_enough_and_exact():
+    losses = torch.randn(200_000, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    p, value = chi2_weights(losses, 0.1)
+    # When every sample stays active the dual is variance regularisation: mean + sqrt(2 rho)·std.
+    expected = losses.mean() + math.sqrt(0.2) * losses.std(unbiased=False)
+    if bool((p > 0).all()):
+        assert float(value) == pytest.approx(float(expected), rel=1e-9)
+    assert float((p * losses).sum()) == pytest.approx(float(value), rel=1e-9)
