@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_list)
 
     p = sub.add_parser("run", help="train and evaluate a grid of methods x seeds on a task", epilog=EPILOG)
-    p.add_argument("--task", default="linear", help="task name (bench list tasks); default: linear")
+    p.add_argument("--task", default="lexicon", help="task name (bench list tasks); default: lexicon")
     p.add_argument("--methods", default="all", help="'all' or a comma list (bench list methods)")
     p.add_argument("--seeds", type=parse_seeds, default=[0], help="e.g. 0,1,2 or 0-4; default: 0")
     p.add_argument(

@@ -40,6 +40,17 @@ class WForm(str, Enum):
     per_sample_sq = "per_sample_sq"
 
 
+class DataMode(str, Enum):
+    online = "online"  # fresh pairs from the current policy every iteration
+    offline = "offline"  # one fixed pair set sampled from the reference policy
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
 class Optimizer(str, Enum):
     adamw = "adamw"
     sgd = "sgd"
@@ -75,6 +86,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_every: int = 25
     checkpoint_every: int = 0  # 0: no intermediate checkpoints
+    warmup: int = 0  # linear learning-rate warm-up steps
+    data: DataMode = DataMode.online
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA with bf16, else fp32
 
 
 @dataclass

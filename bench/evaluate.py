@@ -9,9 +9,14 @@ the training mixture. Validation mixtures are scored on validation prompts for t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from bench.lm import sample, sequence_batch, token_logps
 from tasks.mixtures import Mixture, Protocol
 
 
@@ -52,3 +57,80 @@ def mixture_scores(
     out["val_worst_case"] = float(val.min())
     out["val_mean"] = float(val.mean())
     return out
+
+
+STD_FLOOR = 1e-2  # heads whose reference std is below this are scaled by 1/STD_FLOOR
+
+
+@dataclass
+class HeadScaler:
+    """Standardization of reward heads with statistics frozen from the reference policy.
+
+    ``z = (h - mean) / max(std, STD_FLOOR)``; with no statistics it is the identity (geometric
+    mixtures need the raw, non-negative heads).
+    """
+
+    mean: list[float] | None = None
+    std: list[float] | None = None
+
+    def __call__(self, heads: Tensor) -> Tensor:
+        if self.mean is None:
+            return heads
+        return (heads - heads.new_tensor(self.mean)) / heads.new_tensor(self.std)
+
+    def state(self) -> dict:
+        return {"mean": self.mean, "std": self.std}
+
+    @classmethod
+    def from_reference(cls, reference, tok, task, seed: int, n_prompts: int = 64) -> HeadScaler:
+        """Statistics of two reference samples on each of the first ``n_prompts`` training prompts."""
+        prompts = [p.text for p in task.prompts("train")[:n_prompts]]
+        with _seeded(seed + 17, reference):
+            samples = sample(reference, tok, prompts, 2, task.sampling)
+        heads = task.score([p for p in prompts for _ in (0, 1)], samples.texts)
+        return cls(heads.mean(0).tolist(), heads.std(0).clamp_min(STD_FLOOR).tolist())
+
+
+@contextmanager
+def _seeded(seed: int, model) -> Iterator[None]:
+    """Seed torch inside the block and restore the caller's RNG streams after it."""
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@torch.no_grad()
+def evaluate_lm(
+    policy, *, task, tok, reference, scaler: HeadScaler, seed: int, iteration: int, show: int = 4
+):
+    """Score a policy on the held-out prompts: mixture metrics, KL to the reference, length.
+
+    One response per test and validation prompt, sampled with a seed fixed by (seed, iteration)
+    in a forked RNG (training randomness is untouched); heads scored once; every mixture is then a
+    weight vector. KL(policy || reference) per token is the Monte Carlo estimate
+    ``mean_x [sum_t log pi(y_t) - log pi_ref(y_t)] / |y|`` on the test responses.
+    """
+    test_prompts = [p.text for p in task.prompts("test")]
+    val_prompts = [p.text for p in task.prompts("val")]
+    with _seeded(seed * 1_000_003 + iteration, policy):
+        test = sample(policy, tok, test_prompts, 1, task.sampling)
+        val = sample(policy, tok, val_prompts, 1, task.sampling)
+    heads_test = scaler(task.score(test_prompts, test.texts))
+    heads_val = scaler(task.score(val_prompts, val.texts))
+    scores = mixture_scores(heads_test, heads_val, task.protocol, seed=seed)
+    seqs = sequence_batch(test.prompt_ids, test.response_ids, tok.pad_token_id).to(
+        next(policy.parameters()).device
+    )
+    temperature = task.sampling.temperature
+    diff = token_logps(policy, seqs, temperature) - token_logps(reference, seqs, temperature)
+    lengths = seqs.target_mask.sum(1)
+    scores["kl_ref"] = float((diff.sum(1) / lengths).mean())
+    scores["response_len"] = float(lengths.float().mean())
+    train_mix = task.protocol.train.apply(heads_test)
+    shown = [
+        {"prompt": test_prompts[i], "response": test.texts[i], "train_reward": float(train_mix[i])}
+        for i in range(min(show, len(test_prompts)))
+    ]
+    return scores, shown

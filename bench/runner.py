@@ -19,7 +19,7 @@ import tasks
 from bench.config import build_config, config_hash, method_radius, to_dict
 from bench.records import environment, git_commit, read_json, write_json_atomic
 
-TRAINERS = {"linear": "bench.train_linear:train"}
+TRAINERS = {"linear": "bench.train_linear:train", "lm": "bench.train:train"}
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def run_cell(cell: Cell, root: Path) -> str:
         spec = tasks.get(cell.task)
         module, attr = TRAINERS[spec.trainer].split(":")
         train = getattr(importlib.import_module(module), attr)
-        record.update(train(cfg, spec.build(cfg.task)))
+        record.update(train(cfg, spec.build(cfg.task), cell.run_dir(root)))
         record["status"] = "completed"
     except Exception as err:  # a failed cell is recorded, never raised into the sweep
         record["status"] = "failed"

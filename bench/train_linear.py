@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
@@ -89,8 +90,9 @@ def evaluate(task: LinearTask, theta: Tensor, target: Tensor | None, seed: int) 
     return scores
 
 
-def train(cfg: DictConfig, task: LinearTask) -> dict:
+def train(cfg: DictConfig, task: LinearTask, run_dir: Path) -> dict:
     """Train one cell; returns metrics (final and reference rows), curves and timings."""
+    del run_dir  # a cell takes seconds: it keeps no checkpoints
     method = methods.get(cfg.method.name)
     radius = method_radius(cfg)
     hparams = loss_kwargs(cfg)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from bench.registry import Registry
+from tasks.lexicon import LexiconConfig
 from tasks.linear import LinearConfig
 
 
@@ -72,6 +73,25 @@ register_task(
             "train.lr=0.05",
             "train.eval_every=25",
             "train.grad_clip=0",
+        ),
+    )
+)
+
+register_task(
+    TaskSpec(
+        name="lexicon",
+        config_cls=LexiconConfig,
+        builder="tasks.lexicon:LexiconTask",
+        trainer="lm",
+        needs="nothing: offline, CPU (nrclex + vaderSentiment lexicons, presets built once into the cache)",
+        description="sentence starters; 10 NRC emotion heads + VADER; tiny GPT-2 / SmolLM2 policies",
+        defaults=(
+            "method.eta=0.1",
+            "method.beta=0.1",
+            "train.iterations=40",
+            "train.batch_size=16",
+            "train.lr=1e-3",
+            "train.eval_every=20",
         ),
     )
 )

@@ -24,12 +24,19 @@ class Mixture:
 
     def apply(self, heads: Tensor) -> Tensor:
         """Mixture reward from per-objective rewards ``heads[..., K]``."""
-        w = heads.new_tensor(self.weights)
-        if self.kind == "convex":
-            return heads @ w
-        if self.kind == "geometric":
-            return torch.exp(torch.log(heads.clamp_min(0) + 1e-8) @ w)
-        raise ValueError(f"unknown mixture kind {self.kind!r}; known: convex, geometric")
+        return mix_rewards(heads, heads.new_tensor(self.weights), self.kind)
+
+
+def mix_rewards(heads: Tensor, weights: Tensor, kind: str = "convex") -> Tensor:
+    """``sum_k w_k h_k`` (convex) or ``prod_k (h_k + 1e-8)^{w_k}`` (geometric, heads >= 0).
+
+    ``weights`` is ``[K]`` or one row per leading index of ``heads`` (``[..., K]``).
+    """
+    if kind == "convex":
+        return (heads * weights).sum(-1)
+    if kind == "geometric":
+        return torch.exp((torch.log(heads.clamp_min(0) + 1e-8) * weights).sum(-1))
+    raise ValueError(f"unknown mixture kind {kind!r}; known: convex, geometric")
 
 
 def _mix(names: list[str], parts: dict[int, float], kind: str) -> Mixture:
@@ -42,24 +49,52 @@ def _mix(names: list[str], parts: dict[int, float], kind: str) -> Mixture:
 
 @dataclass(frozen=True)
 class Protocol:
-    """The training mixture and the validation / test mixture sets of a task."""
+    """The training mixture rule and the validation / test mixture sets of a task.
+
+    ``random_pairs=False``: every prompt is trained on ``train``. ``True`` (the ArmoRM protocol):
+    each prompt draws an ordered pair (a, b) of seen objectives and is trained on
+    ``alpha0·a + (1-alpha0)·b``; the pair's index is the prompt's group.
+    """
 
     train: Mixture
     val: tuple[Mixture, ...]
     test: tuple[Mixture, ...]
-    seen: tuple[int, int]
+    seen: tuple[int, ...]
+    alpha0: float
+    random_pairs: bool = False
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(a, b) for a in self.seen for b in self.seen if a != b]
+
+    def sample_train(self, m: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Training mixture weights per prompt ``[m, K]`` and, for random pairs, the pair ids."""
+        base = torch.tensor(self.train.weights, dtype=torch.float64)
+        if not self.random_pairs:
+            return base.expand(m, -1), None
+        pairs = self.pairs()
+        ids = torch.randint(len(pairs), (m,), generator=generator)
+        weights = torch.zeros(m, base.numel(), dtype=torch.float64)
+        for row, pid in enumerate(ids.tolist()):
+            a, b = pairs[pid]
+            weights[row, a] += self.alpha0
+            weights[row, b] += 1 - self.alpha0
+        return weights, ids
 
 
-def pair_protocol(names: list[str], seen: tuple[int, int], alpha0: float, kind: str = "convex") -> Protocol:
-    """Train on ``alpha0·seen[0] + (1-alpha0)·seen[1]``; test across the alpha grid of the seen
-    pair, every unseen objective alone and half-and-half with each seen one; validate on the
-    in-between alphas and on 1:3 blends of unseen with seen objectives.
+def pair_protocol(
+    names: list[str], seen: tuple[int, ...], alpha0: float, kind: str = "convex", random_pairs: bool = False
+) -> Protocol:
+    """Train on ``alpha0·seen[0] + (1-alpha0)·seen[1]`` (or random seen pairs); test across the
+    alpha grid of the first seen pair, every unseen objective alone and half-and-half with each
+    seen one; validate on the in-between alphas and on 1:3 blends of unseen with seen objectives.
     """
-    a, b = seen
-    if a == b or not (0 <= a < len(names) and 0 <= b < len(names)):
-        raise ValueError(f"seen must be two distinct objective indices in [0, {len(names)}), got {seen}")
+    if len(seen) < 2 or len(set(seen)) != len(seen) or not all(0 <= s < len(names) for s in seen):
+        raise ValueError(
+            f"seen must be at least two distinct objective indices in [0, {len(names)}), got {seen}"
+        )
     if not 0 <= alpha0 <= 1:
         raise ValueError(f"alpha0 must lie in [0, 1], got {alpha0}")
+    a, b = seen[:2]
     unseen = [k for k in range(len(names)) if k not in seen]
     test = [_mix(names, {a: al, b: 1 - al}, kind) for al in ALPHA_TEST]
     val = [_mix(names, {a: al, b: 1 - al}, kind) for al in ALPHA_VAL]
@@ -69,4 +104,4 @@ def pair_protocol(names: list[str], seen: tuple[int, int], alpha0: float, kind: 
             test.append(_mix(names, {u: 0.5, s: 0.5}, kind))
             val.append(_mix(names, {u: 0.25, s: 0.75}, kind))
     train = _mix(names, {a: alpha0, b: 1 - alpha0}, kind)
-    return Protocol(train, tuple(val), tuple(test), (a, b))
+    return Protocol(train, tuple(val), tuple(test), tuple(seen), alpha0, random_pairs)

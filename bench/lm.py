@@ -1,0 +1,119 @@
+"""Causal-LM plumbing for the training loop: sampling, pair batches, sequence log-probs.
+
+Prompts are tokenized on their own and responses are appended as token ids, so the prompt is an
+exact prefix of every sequence (no re-tokenization of concatenated strings). Log-probs are taken
+only at response tokens, with the sampling temperature applied to the logits, padding masked.
+Works with any ``transformers`` causal LM; embeddings are reached through
+``get_input_embeddings()``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Samples:
+    prompt_ids: list[list[int]]  # one per prompt
+    response_ids: list[list[int]]  # k per prompt, sample j of prompt i at i*k + j; ends with EOS if one came
+    texts: list[str]
+    seconds: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(r) for r in self.response_ids)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 24
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 64  # prompts per generate() call
+
+
+@torch.no_grad()
+def sample(model, tok, prompts: list[str], k: int, cfg: Sampling) -> Samples:
+    """``k`` sampled continuations per prompt (batched, left-padded, KV cache; global torch RNG)."""
+    start = time.perf_counter()
+    prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    device = next(model.parameters()).device
+    responses: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    for lo in range(0, len(prompts), cfg.batch_size):
+        chunk = prompt_ids[lo : lo + cfg.batch_size]
+        enc = tok.pad({"input_ids": chunk}, padding_side="left", return_tensors="pt").to(device)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=0,
+            max_new_tokens=cfg.max_new_tokens,
+            num_return_sequences=k,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=eos,
+        )
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            responses.append(row[: row.index(eos) + 1] if eos in row else row)
+    model.train(was_training)
+    texts = tok.batch_decode(responses, skip_special_tokens=True)
+    return Samples(prompt_ids, responses, texts, time.perf_counter() - start)
+
+
+@dataclass
+class SequenceBatch:
+    input_ids: Tensor  # [B, T] right-padded prompt + response
+    attention_mask: Tensor  # [B, T]
+    target_mask: Tensor  # [B, T - 1]: True where token t+1 is a response token
+
+    def to(self, device: torch.device) -> SequenceBatch:
+        return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.target_mask)))
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def sequence_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> SequenceBatch:
+    """Rows ``prompt_i + response_i``, right-padded, with the response-target mask."""
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(lengths), width), dtype=torch.long)
+    target = torch.zeros((len(lengths), width - 1), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        ids[i, : lengths[i]] = torch.tensor(p + r)
+        attn[i, : lengths[i]] = 1
+        target[i, len(p) - 1 : lengths[i] - 1] = True
+    return SequenceBatch(ids, attn, target)
+
+
+def token_logps(
+    model, batch: SequenceBatch, temperature: float = 1.0, inputs_embeds: Tensor | None = None
+) -> Tensor:
+    """Per-token log-probs of the targets ``[B, T-1]`` (0 outside responses).
+
+    Only the sampled token's log-softmax is formed: ``logit[y] - logsumexp(logits)``.
+    """
+    if inputs_embeds is None:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    else:
+        logits = model(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask).logits
+    logits = logits[:, :-1].float() / temperature
+    targets = batch.input_ids[:, 1:]
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return picked * batch.target_mask
+
+
+def sequence_logps(
+    model, batch: SequenceBatch, temperature: float = 1.0, inputs_embeds: Tensor | None = None
+) -> Tensor:
+    """``log pi(response | prompt)`` per row ``[B]``."""
+    return token_logps(model, batch, temperature, inputs_embeds).sum(-1)

@@ -1,0 +1,315 @@
+"""Online preference alignment of a causal language model with any registered method.
+
+Per iteration t:
+  1. draw m prompts from the training pool (seeded passes without replacement; the cursor is state);
+  2. sample two responses per prompt from the current policy (batched, KV cache);
+  3. score the task's K reward heads, standardized with statistics frozen from the reference;
+  4. mix them into the training reward (fixed alpha0 or a random seen pair per prompt) and, for the
+     DPO family, draw preference labels (Bradley-Terry sample, soft, or argmax);
+  5. anchor log-probs under the fixed reference or the sampling iterate (``method.anchor``);
+  6. one forward per pair chunk, first and second responses concatenated, log-probs only at
+     response tokens; the method's pointwise losses and robust objective; backward (accumulated
+     over micro-batches with global-batch weights); one optimizer step.
+``train.data=offline`` instead draws pairs from a fixed set sampled once from the reference policy
+and labeled by the training mixture (the WDPO paper's protocol). Every ``checkpoint_every``
+iterations the model, optimizer, scheduler, every RNG state and the sampler cursor are saved, so a
+killed run resumes and ends with exactly the metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+import methods
+from bench.config import loss_kwargs, method_radius
+from bench.evaluate import HeadScaler, evaluate_lm
+from bench.lm import SequenceBatch, sample, sequence_batch, sequence_logps
+from bench.resources import peak_memory_mb
+from methods import Method, PairScores
+from methods.pointwise import preference_labels
+from methods.wasserstein import double_backprop_attention
+from tasks.mixtures import mix_rewards
+
+
+@dataclass
+class PromptSampler:
+    """Seeded passes over ``n`` items without replacement; ``(epoch, cursor)`` is its whole state."""
+
+    n: int
+    seed: int
+    epoch: int = 0
+    cursor: int = 0
+
+    def take(self, m: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < m:
+            order = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            )
+            chunk = order[self.cursor : self.cursor + m - len(out)].tolist()
+            out += chunk
+            self.cursor += len(chunk)
+            if self.cursor == self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out
+
+
+@dataclass
+class PairBatch:
+    """One iteration's pairs, sequences laid out as ``[first responses; second responses]``."""
+
+    seqs: SequenceBatch
+    rewards: Tensor  # [m, 2]
+    pref: Tensor  # [m]
+    groups: Tensor  # [m]
+    anchor: Tensor | None = None  # [m, 2]
+
+    @property
+    def m(self) -> int:
+        return self.rewards.shape[0]
+
+    def rows(self, sel: Tensor) -> SequenceBatch:
+        both = torch.cat([sel, sel + self.m])
+        seqs = self.seqs
+        width = int(seqs.attention_mask[both].sum(1).max())
+        return SequenceBatch(
+            seqs.input_ids[both, :width],
+            seqs.attention_mask[both, :width],
+            seqs.target_mask[both, : width - 1],
+        )
+
+    def losses(self, policy, method: Method, hparams: dict, temperature: float, sel: Tensor):
+        """Per-pair losses of rows ``sel`` and the input embeddings the W penalty perturbs."""
+        seqs = self.rows(sel)
+        if method.aggregator.kind == "wasserstein":
+            embeds = policy.get_input_embeddings()(seqs.input_ids)
+            with double_backprop_attention():
+                logps = sequence_logps(policy, seqs, temperature, inputs_embeds=embeds)
+            inputs = [embeds]
+        else:
+            logps, inputs = sequence_logps(policy, seqs, temperature), []
+        scores = PairScores(logps.view(2, -1).T, self.anchor[sel], self.rewards[sel], self.pref[sel])
+        return methods.pointwise_losses(method, scores, **hparams), inputs
+
+
+@torch.no_grad()
+def chunked_logps(model, seqs: SequenceBatch, temperature: float, chunk: int) -> Tensor:
+    parts = []
+    for lo in range(0, seqs.input_ids.shape[0], chunk):
+        sub = SequenceBatch(
+            *(t[lo : lo + chunk] for t in (seqs.input_ids, seqs.attention_mask, seqs.target_mask))
+        )
+        parts.append(sequence_logps(model, sub, temperature))
+    return torch.cat(parts)
+
+
+def sample_pairs(policy, tok, task, prompts: list, scaler: HeadScaler, gen: torch.Generator, cfg: DictConfig):
+    """Two responses per prompt from ``policy``, scored, mixed and labeled: a ``PairBatch``."""
+    samples = sample(policy, tok, [p.text for p in prompts], 2, task.sampling)
+    m = len(prompts)
+    heads = scaler(task.score([p.text for p in prompts for _ in (0, 1)], samples.texts)).view(m, 2, -1)
+    weights, pair_ids = task.protocol.sample_train(m, gen)
+    rewards = mix_rewards(heads, weights[:, None, :], task.protocol.train.kind)
+    pref = preference_labels(rewards, cfg.method.labels.value, gen)
+    groups = pair_ids if pair_ids is not None else torch.tensor([p.group for p in prompts])
+    first, second = samples.response_ids[0::2], samples.response_ids[1::2]
+    seqs = sequence_batch(samples.prompt_ids * 2, first + second, tok.pad_token_id)
+    return PairBatch(seqs, rewards.float(), pref.float(), groups), samples
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Deterministic log-probs: the policy and its reference are compared token by token."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@contextmanager
+def precision(device: torch.device, name: str) -> Iterator[None]:
+    """bf16 autocast where asked for (``auto``: on CUDA devices that support bf16)."""
+    bf16 = name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+        yield
+
+
+def train(cfg: DictConfig, task, run_dir: Path) -> dict:
+    """Train and evaluate one cell, resuming from ``run_dir/checkpoint.pt`` if one exists."""
+    method = methods.get(cfg.method.name)
+    radius, hparams = method_radius(cfg), loss_kwargs(cfg)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    temperature = task.sampling.temperature
+    chunk = tc.micro_batch or 2 * tc.batch_size
+    policy, tok = task.load_policy()
+    disable_dropout(policy)
+    policy.to(device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    opt_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[tc.optimizer.value]
+    opt = opt_cls(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, tc.warmup)))
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train_prompts = task.prompts("train")
+    evaluate = partial(evaluate_lm, task=task, tok=tok, reference=reference, seed=cfg.seed)
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+
+    if ckpt.exists():
+        st = torch.load(ckpt, weights_only=False, map_location=device)
+        policy.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        gen.set_state(st["generator"])
+        set_rng_state(st["rng"])
+        scaler, sampler = HeadScaler(**st["scaler"]), PromptSampler(**st["sampler"])
+        offline, progress = st["offline"], st["progress"]
+        progress["resumed_at"].append(st["iteration"])
+    else:
+        scaler = (
+            HeadScaler.from_reference(reference, tok, task, cfg.seed) if task.standardize else HeadScaler()
+        )
+        ref_row, before = evaluate(policy, scaler=scaler, iteration=0)
+        offline = None
+        if tc.data.value == "offline":  # a fixed pair set from the reference, labeled once
+            offline, _ = sample_pairs(reference, tok, task, train_prompts, scaler, gen, cfg)
+            offline.anchor = chunked_logps(reference, offline.seqs, temperature, chunk).view(2, -1).T
+        sampler = PromptSampler(len(train_prompts), cfg.seed)
+        progress = {
+            "iteration": 0,
+            "curves": [{"iteration": 0, **_curve_row(ref_row)}],
+            "reference": ref_row,
+            "samples_before": before,
+            "resumed_at": [],
+            "timings": {"gen_s": 0.0, "gen_tokens": 0, "train_s": 0.0, "train_tokens": 0},
+        }
+    agg_state = progress.get("agg_state") or {}
+    timing = progress["timings"]
+    ctx = partial(precision, device, tc.precision)
+
+    for it in range(progress["iteration"] + 1, tc.iterations + 1):
+        idx = sampler.take(tc.batch_size)
+        t0 = time.perf_counter()
+        if offline is None:
+            batch, samples = sample_pairs(
+                policy, tok, task, [train_prompts[i] for i in idx], scaler, gen, cfg
+            )
+            timing["gen_tokens"] += samples.new_tokens
+        else:
+            sel = torch.tensor(idx)
+            batch = PairBatch(offline.seqs, offline.rewards[sel], offline.pref[sel], offline.groups[sel])
+            batch.seqs = offline.rows(sel)
+            batch.anchor = offline.anchor[sel]
+        t1 = time.perf_counter()
+        batch.seqs = batch.seqs.to(device)
+        if batch.anchor is None or cfg.method.anchor.value == "prev_iterate":
+            anchor_model = reference if cfg.method.anchor.value == "fixed_ref" else policy
+            with ctx():
+                batch.anchor = chunked_logps(anchor_model, batch.seqs, temperature, chunk).view(2, -1).T
+        batch.anchor, batch.rewards, batch.pref = (
+            t.to(device) for t in (batch.anchor, batch.rewards, batch.pref)
+        )
+        policy.train()
+        opt.zero_grad(set_to_none=True)
+        with ctx():
+            stats = methods.backward_robust(
+                method,
+                radius,
+                batch.m,
+                partial(batch.losses, policy, method, hparams, temperature),
+                micro_batch=tc.micro_batch,
+                groups=batch.groups,
+                state=agg_state,
+                w_form=cfg.method.w_form.value,
+            )
+        agg_state = stats.state or agg_state
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.grad_clip)
+        opt.step()
+        sched.step()
+        timing["gen_s"] += t1 - t0
+        timing["train_s"] += time.perf_counter() - t1
+        timing["train_tokens"] += batch.seqs.tokens
+        if it % tc.eval_every == 0 or it == tc.iterations:
+            row, _ = evaluate(policy, scaler=scaler, iteration=it)
+            progress["curves"].append(
+                {"iteration": it, "robust_value": float(stats.value), **_curve_row(row)}
+            )
+        progress["iteration"], progress["agg_state"] = it, agg_state
+        if tc.checkpoint_every and it % tc.checkpoint_every == 0 and it < tc.iterations:
+            save_checkpoint(
+                ckpt,
+                {
+                    "iteration": it,
+                    "model": policy.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "generator": gen.get_state(),
+                    "rng": rng_state(),
+                    "scaler": scaler.state(),
+                    "sampler": vars(sampler).copy(),
+                    "offline": offline,
+                    "progress": progress,
+                },
+            )
+
+    final, after = evaluate(policy, scaler=scaler, iteration=tc.iterations)
+    ckpt.unlink(missing_ok=True)
+    return {
+        "metrics": final,
+        "reference": progress["reference"],
+        "curves": progress["curves"],
+        "samples": {"before": progress["samples_before"], "after": after},
+        "resumed_at": progress["resumed_at"],
+        "timings": {
+            **timing,
+            "s_per_iteration": (timing["gen_s"] + timing["train_s"]) / tc.iterations,
+            "gen_tokens_per_s": timing["gen_tokens"] / max(timing["gen_s"], 1e-9),
+            "train_tokens_per_s": timing["train_tokens"] / max(timing["train_s"], 1e-9),
+            "peak_memory_mb": peak_memory_mb(),
+            "device": str(device),
+        },
+        "model": {"class": type(policy).__name__, "parameters": sum(p.numel() for p in policy.parameters())},
+    }
+
+
+def _curve_row(scores: dict) -> dict:
+    keys = ("worst_case", "mean_over_test", "train_reward", "val_worst_case", "kl_ref", "response_len")
+    return {k: scores[k] for k in keys}

@@ -1,0 +1,100 @@
+"""The language-model loop end to end on the lexicon task with a tiny preset."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import LEXICON_FAST
+
+from bench.runner import Cell, record_path, run_cell
+
+pytestmark = pytest.mark.slow
+
+
+def record(cell, root):
+    return json.loads(record_path(cell, root).read_text())
+
+
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("rebel", ("method.anchor=prev_iterate",)),
+        ("chi2-rebel", ()),
+        ("w-rebel", ()),
+        ("wdpo", ("train.data=offline", "method.w_form=per_sample_sq")),
+        ("gr-dpo", ("task.protocol=random_pair", "task.seen=[joy,trust,anticipation]")),
+        ("kldpo", ("task.mixing=geometric", "method.labels=argmax")),
+    ],
+)
+def test_end_to_end_tiny_model(tmp_path, method, extra):
+    cell = Cell("lexicon", method, 0, (*LEXICON_FAST, *extra))
+    assert run_cell(cell, tmp_path) == "completed", record(cell, tmp_path).get("error")
+    rec = record(cell, tmp_path)
+    metrics, ref = rec["metrics"], rec["reference"]
+    assert ref["kl_ref"] == pytest.approx(0.0, abs=1e-6), "iteration 0 is the reference itself"
+    assert metrics["kl_ref"] != 0.0 and metrics["worst_case"] <= metrics["mean_over_test"]
+    assert [c["iteration"] for c in rec["curves"]] == [0, 2, 4]
+    assert len(rec["samples"]["before"]) == len(rec["samples"]["after"]) == 4
+    assert rec["timings"]["train_tokens_per_s"] > 0 and rec["timings"]["peak_memory_mb"]["rss"] > 0
+    assert not (cell.run_dir(tmp_path) / "checkpoint.pt").exists()
+
+
+def test_same_seed_same_numbers_and_micro_batching_matches(tmp_path):
+    base = Cell("lexicon", "chi2-dpo", 0, LEXICON_FAST)
+    micro = Cell("lexicon", "chi2-dpo", 0, (*LEXICON_FAST, "train.micro_batch=2"))
+    run_cell(base, tmp_path / "a")
+    run_cell(base, tmp_path / "b")
+    run_cell(micro, tmp_path / "c")
+    a, b, c = (record(x, tmp_path / d) for x, d in ((base, "a"), (base, "b"), (micro, "c")))
+    assert a["metrics"] == b["metrics"] and a["curves"] == b["curves"]
+    # Accumulation only reorders float32 sums: the runs stay together to float tolerance.
+    assert c["metrics"]["kl_ref"] == pytest.approx(a["metrics"]["kl_ref"], rel=1e-3, abs=1e-4)
+
+
+def test_killed_run_resumes_with_identical_metrics(tmp_path):
+    overrides = (*LEXICON_FAST, "train.iterations=12", "train.eval_every=4", "train.checkpoint_every=1")
+    cell = Cell("lexicon", "chi2-rebel", 0, overrides)
+    run_cell(cell, tmp_path / "whole")
+    whole = record(cell, tmp_path / "whole")
+
+    root = tmp_path / "killed"
+    exe = Path(sys.executable).with_name("bench")
+    cmd = [
+        str(exe),
+        "run",
+        "--task",
+        "lexicon",
+        "--methods",
+        "chi2-rebel",
+        "--cluster",
+        "debug",
+        "--results",
+        str(root),
+        "--quiet",
+        *overrides,
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = cell.run_dir(root) / "checkpoint.pt"
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists():
+            it = torch.load(ckpt, weights_only=False)["iteration"]
+            if it >= 3:
+                proc.kill()
+                killed_at = it
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None, "the run ended before it could be killed"
+    assert not record_path(cell, root).exists()
+    assert run_cell(cell, root) == "completed"
+    resumed = record(cell, root)
+    assert resumed["resumed_at"] and resumed["resumed_at"][0] >= 3
+    assert resumed["metrics"] == whole["metrics"]
+    assert resumed["curves"] == whole["curves"]
+    assert resumed["samples"] == whole["samples"]
