@@ -29,17 +29,6 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def select_methods(text: str, task: str) -> list[str]:
-    """``all`` (every method whose loss the task runs) or a comma list of registered names."""
-    spec = tasks.get(task)
-    if text == "all":
-        return [n for n in methods.names() if methods.get(n).loss in spec.losses]
-    chosen = [n.strip() for n in text.split(",") if n.strip()]
-    for name in chosen:
-        methods.get(name)
-    return chosen
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -65,28 +54,82 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_list(text: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
+
+
+def build_sweep(args: argparse.Namespace):
+    """The sweep of a ``bench run``: a sweep file and/or CLI axes (CLI axes win)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bench.sweep import SweepConfig, adhoc_name, expand, load_sweep_config, resolve_path
+
+    path = resolve_path(args.sweep) if args.sweep else None
+    cfg = load_sweep_config(path) if path else SweepConfig(task=args.task or "lexicon")
+    if args.task and path and args.task != cfg.task:
+        raise ConfigError(f"--task {args.task} contradicts the sweep's task {cfg.task}")
+    if args.methods:
+        cfg.methods = ["all"] if args.methods == "all" else split_list(args.methods)
+    if args.seeds is not None:
+        cfg.seeds = args.seeds
+    if args.radii:
+        cfg.radii = {"*": [float(r) for r in split_list(args.radii)]}
+    if args.sizes:
+        cfg.sizes = split_list(args.sizes)
+    if args.scales:
+        cfg.scales = [int(s) for s in split_list(args.scales)]
+    run_overrides = [o for o in args.overrides if not o.startswith("slurm.")]
+    slurm_overrides = [o[len("slurm.") :] for o in args.overrides if o.startswith("slurm.")]
+    cfg.overrides = [*cfg.overrides, *run_overrides]
+    try:
+        slurm = OmegaConf.merge(OmegaConf.structured(cfg.slurm), OmegaConf.from_dotlist(slurm_overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"slurm overrides: {str(err).splitlines()[0]}") from None
+    cfg.slurm = OmegaConf.to_object(slurm)
+    sweep = expand(cfg, path.stem if path else "command line")
+    if not path:
+        sweep.name = adhoc_name(sweep.cells)
+    return sweep
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import config_hash
     from bench.launch import launch
     from bench.leaderboard import failures, format_leaderboard, leaderboard, records_frame
-    from bench.runner import Cell
 
-    names = select_methods(args.methods, args.task)
-    cells = [Cell(args.task, m, s, tuple(args.overrides)) for m in names for s in args.seeds]
-    for cell in cells:  # fail before anything runs: every config must build
-        cell.config()
+    sweep = build_sweep(args)
     root = Path(args.results)
     start = time.perf_counter()
-    report = launch(cells, root, cluster=args.cluster, workers=args.workers, progress=not args.quiet)
+    report = launch(
+        sweep.cells,
+        root,
+        name=sweep.name,
+        cluster=args.cluster,
+        workers=args.workers,
+        slurm=sweep.config.slurm,
+        progress=not args.quiet,
+    )
     wall = time.perf_counter() - start
+    if args.cluster == "slurm":
+        print(
+            f"sweep {sweep.name}: submitted {len(report.submitted)} cells as SLURM array jobs "
+            f"{', '.join(sorted({j.split('_')[0] for j in report.job_ids})) or '-'}; "
+            f"{len(report.skipped)} already completed, {len(report.in_flight)} still queued or running."
+        )
+        print(f"follow with: bench status --sweep {sweep.name} --results {args.results}")
+        return 0
     print(
         f"{len(report.submitted)} cells run, {len(report.skipped)} skipped (already completed) "
         f"in {wall:.1f} s on cluster={args.cluster}"
     )
     for err in report.job_errors:
         print(f"job failure: {err}", file=sys.stderr)
-    wanted = {(c.method, config_hash(c.config())) for c in cells}
-    frame = records_frame(root, args.task)
+    wanted = {(c.method, config_hash(c.config())) for c in sweep.cells}
+    frame = records_frame(root, sweep.cells[0].task)
     frame = frame[[(m, h) in wanted for m, h in zip(frame.method, frame.config_hash, strict=True)]]
     print(format_leaderboard(leaderboard(frame)))
     failed = failures(frame)
@@ -94,6 +137,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"\n{len(failed)} failed cells (not ranked):")
         print(failed.to_markdown(index=False))
         return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from tabulate import tabulate
+
+    from bench.launch import sweep_status
+
+    root = Path(args.results)
+    names = [args.sweep] if args.sweep else sorted(p.name for p in (root / ".sweeps").glob("*"))
+    if not names:
+        print(f"no launched sweeps under {root}")
+        return 0
+    for name in names:
+        rows = sweep_status(root, name)
+        counts = Counter(status for _, status, _ in rows)
+        order = ("completed", "running", "pending", "failed", "missing")
+        print(f"sweep {name}: " + ", ".join(f"{counts[s]} {s}" for s in order))
+        open_rows = [[c.label(), s, reason] for c, s, reason in rows if s != "completed"]
+        if open_rows:
+            print(tabulate(open_rows, ["cell", "status", "reason"]))
     return 0
 
 
@@ -131,21 +197,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["methods", "tasks", "aggregators"])
     p.set_defaults(fn=cmd_list)
 
-    p = sub.add_parser("run", help="train and evaluate a grid of methods x seeds on a task", epilog=EPILOG)
-    p.add_argument("--task", default="lexicon", help="task name (bench list tasks); default: lexicon")
-    p.add_argument("--methods", default="all", help="'all' or a comma list (bench list methods)")
-    p.add_argument("--seeds", type=parse_seeds, default=[0], help="e.g. 0,1,2 or 0-4; default: 0")
+    p = sub.add_parser(
+        "run",
+        help="train and evaluate a grid of cells (methods x radii x sizes x scales x seeds)",
+        epilog=EPILOG + " slurm.KEY=VALUE overrides set SLURM resources (slurm.partition=gpu).",
+    )
+    p.add_argument("--sweep", default=None, help="a sweep name (sweeps/NAME.yaml) or YAML path")
+    p.add_argument("--task", default=None, help="task name (bench list tasks); default: lexicon")
+    p.add_argument("--methods", default=None, help="'all' (default) or a comma list (bench list methods)")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="e.g. 0,1,2 or 0-4; default: 0")
+    p.add_argument("--radii", default=None, help="radii for every robust method's own knob, e.g. 0.01,0.1")
+    p.add_argument("--sizes", default=None, help="model sizes (the task's size key), e.g. tiny,small")
+    p.add_argument("--scales", default=None, help="data scales (task.n), e.g. 100,200")
     p.add_argument(
         "--cluster",
         default="local",
-        choices=["debug", "local"],
-        help="debug: in process; local: subprocesses capped to the cores (default)",
+        choices=["debug", "local", "slurm"],
+        help="debug: in process; local: subprocesses capped to the cores (default); "
+        "slurm: job arrays, returns at once",
     )
     p.add_argument("--workers", type=int, default=0, help="parallel jobs (default: number of cores)")
     p.add_argument("--results", default="results", help="results folder (default: results)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("status", help="per sweep: completed / running / pending / failed cells and why")
+    p.add_argument("--sweep", default=None)
+    p.add_argument("--results", default="results")
+    p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("leaderboard", help="print the leaderboard of the records under --results")
     p.add_argument("--task", default=None)

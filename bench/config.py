@@ -89,6 +89,7 @@ class TrainConfig:
     warmup: int = 0  # linear learning-rate warm-up steps
     data: DataMode = DataMode.online
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 1  # CPU threads of one cell (cells run in parallel); equal counts give identical numbers
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA with bf16, else fp32
 
 

@@ -1,30 +1,63 @@
-"""Schedule cells through submitit: in process (debug), as local subprocesses, or on SLURM.
+"""Schedule cells through submitit: in process (debug), local subprocesses, or SLURM job arrays.
 
-Cells whose record says completed are skipped, so re-running a command runs only what is missing
-or failed. Cells are dealt round-robin into at most ``workers`` jobs; each job imports torch once
-and runs its cells in order, recording each one (a failing cell never stops the others).
+One code path for every cluster: the submitted callable is ``CellJob`` (checkpointable), whose
+arguments are cells and the results root. Cells whose record says completed are skipped, and on
+SLURM so are cells whose job is still pending or running, so re-running a command submits only
+what is missing or failed. Locally, cells are dealt round-robin into at most one job per core and
+the command waits with a progress bar; on SLURM each cell is one array task (arrays chunked under
+the cluster's size limit, ``max_running`` at a time) and the command returns at once, having
+written the job ids into the sweep's folder (``results/.sweeps/<name>/jobs.json``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
+import shlex
+import shutil
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import submitit
+from submitit.helpers import Checkpointable
 from tqdm import tqdm
 
-from bench.runner import Cell, is_completed, record_path, run_cells
+from bench.records import read_json, write_json_atomic
+from bench.runner import Cell, record_path, run_cells
+from bench.sweep import SlurmConfig
 
-CLUSTERS = ("debug", "local")
+CLUSTERS = ("debug", "local", "slurm")
+IN_FLIGHT = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "REQUEUE_HOLD",
+}
+
+
+class CellJob(Checkpointable):
+    """Runs its cells. On preemption (USR2) or time-out submitit requeues it with the same
+    arguments; each cell then resumes from the checkpoint in its run folder (a plain
+    ``scontrol requeue``, which restarts the job from scratch, resumes the same way)."""
+
+    def __call__(self, cells: list[Cell], root: str) -> list[str]:
+        return run_cells(cells, root)
 
 
 @dataclass
 class LaunchReport:
     submitted: list[Cell]
     skipped: list[Cell]
-    job_errors: list[str]
+    in_flight: list[Cell] = field(default_factory=list)
+    job_ids: list[str] = field(default_factory=list)
+    job_errors: list[str] = field(default_factory=list)
 
 
 def usable_cores() -> int:
@@ -34,39 +67,183 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def cell_key(cell: Cell, root: Path) -> str:
+    return str(cell.run_dir(root).relative_to(root))
+
+
+def load_registry(folder: Path) -> dict:
+    path = folder / "jobs.json"
+    return read_json(path) if path.exists() else {}
+
+
+def _record(cell: Cell, root: Path) -> dict | None:
+    path = record_path(cell, root)
+    try:
+        return read_json(path) if path.exists() else None
+    except (OSError, ValueError):
+        return None
+
+
+def cell_status(
+    cell: Cell, root: Path, registry: dict, states: dict[str, tuple[str, str]]
+) -> tuple[str, str]:
+    """``(status, reason)``: completed, running, pending, failed or missing."""
+    rec = _record(cell, root)
+    if rec and rec.get("status") == "completed":
+        return "completed", ""
+    job = registry.get(cell_key(cell, root))
+    state, reason = states.get(job["job_id"], ("", "")) if job else ("", "")
+    if state in IN_FLIGHT:
+        return (
+            "running" if state == "RUNNING" else "pending"
+        ), f"job {job['job_id']} {state} {reason}".strip()
+    if rec and rec.get("status") == "failed":
+        return "failed", f"{rec['error']['type']}: {rec['error']['message']}"
+    if state:
+        return "failed", f"job {job['job_id']} {state} {reason}".strip()
+    if job and job["cluster"] == "slurm":
+        return (
+            "failed",
+            f"job {job['job_id']} vanished from SLURM without a record (cancelled before it started?)",
+        )
+    if job:
+        return "failed", f"job {job['job_id']} ({job['cluster']}) ended without a record"
+    return "missing", "not submitted"
+
+
+def _expand_array_id(job_id: str) -> list[str]:
+    """``12_[0-2,5%2]`` -> ``12_0 12_1 12_2 12_5``; other ids unchanged."""
+    m = re.fullmatch(r"(\d+)_\[([^\]]+)\]", job_id)
+    if not m:
+        return [job_id]
+    ids = []
+    for part in m.group(2).split("%")[0].split(","):
+        lo, _, hi = part.partition("-")
+        ids += [f"{m.group(1)}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return ids
+
+
+def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """``job id -> (state, reason)`` from squeue (queued jobs) and sacct (finished ones)."""
+    if not job_ids or shutil.which("squeue") is None:
+        return {}
+    bases = sorted({j.split("_")[0] for j in job_ids})
+    states: dict[str, tuple[str, str]] = {}
+    queries = [
+        ["sacct", "-X", "-n", "-P", "-o", "JobID,State,Reason", "-j", ",".join(bases)],
+        ["squeue", "-h", "-r", "-o", "%i|%T|%r", "-j", ",".join(bases)],  # authoritative while queued
+    ]
+    for cmd in queries:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        for line in out.stdout.splitlines():
+            parts = line.split("|")
+            if len(parts) >= 2:
+                state = parts[1].split()[0]  # "CANCELLED by 0" -> CANCELLED
+                reason = parts[2] if len(parts) > 2 and parts[2] not in ("None", "(null)") else ""
+                for jid in _expand_array_id(parts[0]):
+                    states[jid] = (state, reason)
+    return states
+
+
+def make_executor(
+    cluster: str, folder: Path, timeout_min: int, slurm: SlurmConfig | None
+) -> submitit.Executor:
+    if cluster not in CLUSTERS:
+        raise ValueError(f"unknown cluster {cluster!r}; known: {', '.join(CLUSTERS)}")
+    if cluster != "slurm":
+        executor = submitit.AutoExecutor(folder=folder / "submitit" / "%j", cluster=cluster)
+        executor.update_parameters(timeout_min=timeout_min)
+        return executor
+    s = slurm or SlurmConfig()
+    executor = submitit.AutoExecutor(
+        folder=folder / "submitit" / "%j", cluster="slurm", slurm_max_num_timeout=s.max_timeouts
+    )
+    env = ["export HF_HUB_OFFLINE=1", "export HF_DATASETS_OFFLINE=1"] if s.offline else []
+    cache = s.cache_dir or os.environ.get("BENCH_CACHE_DIR")
+    env += [
+        f"export {k}={shlex.quote(v)}" for k, v in (("HF_HOME", s.hf_home), ("BENCH_CACHE_DIR", cache)) if v
+    ]
+    params = {
+        "name": "bench",
+        "timeout_min": s.time_min,
+        "mem_gb": s.mem_gb,
+        "cpus_per_task": s.cpus_per_task,
+        "slurm_partition": s.partition,
+        "slurm_account": s.account,
+        "slurm_qos": s.qos,
+        "slurm_array_parallelism": s.max_running,
+        "slurm_setup": [*env, *s.setup],
+        "slurm_additional_parameters": dict(s.extra),
+        "slurm_signal_delay_s": s.signal_delay_s,
+        "slurm_gpus_per_task": s.gpus_per_task or None,
+    }
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
 def launch(
     cells: list[Cell],
     root: Path,
+    *,
+    name: str,
     cluster: str = "local",
     workers: int = 0,
     timeout_min: int = 120,
+    slurm: SlurmConfig | None = None,
     progress: bool = True,
 ) -> LaunchReport:
-    """Run every pending cell and wait for them; returns what ran and what was skipped."""
-    if cluster not in CLUSTERS:
-        raise ValueError(f"unknown cluster {cluster!r}; known: {', '.join(CLUSTERS)}")
-    root = Path(root)
-    pending = [c for c in cells if not is_completed(c, root)]
-    skipped = [c for c in cells if c not in pending]
+    """Submit every cell that is neither completed nor in flight; wait unless on SLURM."""
+    root = Path(root).resolve()
+    folder = root / ".sweeps" / name
+    registry = load_registry(folder)
+    known = [registry[k] for k in (cell_key(c, root) for c in cells) if k in registry]
+    states = slurm_states([j["job_id"] for j in known if j["cluster"] == "slurm"])
+    status = {c: cell_status(c, root, registry, states)[0] for c in cells}
+    skipped = [c for c in cells if status[c] == "completed"]
+    in_flight = [c for c in cells if status[c] in ("pending", "running")]
+    pending = [c for c in cells if status[c] in ("failed", "missing")]
+    write_json_atomic(
+        folder / "cells.json",
+        [
+            {
+                "key": cell_key(c, root),
+                "task": c.task,
+                "method": c.method,
+                "seed": c.seed,
+                "overrides": list(c.overrides),
+            }
+            for c in cells
+        ],
+    )
+    report = LaunchReport(pending, skipped, in_flight)
     if not pending:
-        return LaunchReport([], skipped, [])
-    cores = usable_cores()
-    n_jobs = 1 if cluster == "debug" else min(len(pending), workers or cores)
-    chunks = [pending[i::n_jobs] for i in range(n_jobs)]
-    threads = max(1, cores // n_jobs)
+        return report
+    executor = make_executor(cluster, folder, timeout_min, slurm)
     started = time.time()
-    executor = submitit.AutoExecutor(folder=root / ".submitit" / "%j", cluster=cluster)
-    executor.update_parameters(timeout_min=timeout_min)
-    jobs = executor.map_array(run_cells, chunks, [str(root)] * n_jobs, [threads] * n_jobs)
-    errors: list[str] = []
-    if cluster == "debug":  # the debug executor runs a job when its result is asked for
-        for job in jobs:
-            errors += _result(job)
+    if cluster == "slurm":
+        groups = [[c] for c in pending]
+        limit = (slurm or SlurmConfig()).array_limit
+        jobs = []
+        for lo in range(0, len(groups), limit):
+            chunk = groups[lo : lo + limit]
+            jobs += executor.map_array(CellJob(), chunk, [str(root)] * len(chunk))
     else:
+        n_jobs = 1 if cluster == "debug" else min(len(pending), workers or usable_cores())
+        groups = [pending[i::n_jobs] for i in range(n_jobs)]
+        jobs = executor.map_array(CellJob(), groups, [str(root)] * n_jobs)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    for job, group in zip(jobs, groups, strict=True):
+        for cell in group:
+            registry[cell_key(cell, root)] = {"job_id": str(job.job_id), "cluster": cluster, "submitted": now}
+    write_json_atomic(folder / "jobs.json", registry)
+    report.job_ids = [str(j.job_id) for j in jobs]
+    if cluster == "slurm":
+        return report
+    if cluster == "local":
         _wait(jobs, pending, root, progress, started)
-        for job in jobs:
-            errors += _result(job)
-    return LaunchReport(pending, skipped, errors)
+    for job in jobs:  # the debug executor runs a job when its result is asked for
+        report.job_errors += _result(job)
+    return report
 
 
 def _result(job: submitit.Job) -> list[str]:
@@ -87,3 +264,19 @@ def _wait(jobs: list[submitit.Job], cells: list[Cell], root: Path, progress: boo
             if all(job.done() for job in jobs):
                 break
             time.sleep(0.25)
+
+
+def sweep_status(root: Path, name: str) -> list[tuple[Cell, str, str]]:
+    """Every cell of a launched sweep with its status and reason."""
+    root = Path(root).resolve()
+    folder = root / ".sweeps" / name
+    cells_file = folder / "cells.json"
+    if not cells_file.exists():
+        known = sorted(p.name for p in (root / ".sweeps").glob("*")) if (root / ".sweeps").exists() else []
+        raise FileNotFoundError(
+            f"no launched sweep {name!r} under {root}; launched: {', '.join(known) or 'none'}"
+        )
+    cells = [Cell(c["task"], c["method"], c["seed"], tuple(c["overrides"])) for c in read_json(cells_file)]
+    registry = load_registry(folder)
+    states = slurm_states([v["job_id"] for v in registry.values() if v["cluster"] == "slurm"])
+    return [(c, *cell_status(c, root, registry, states)) for c in cells]

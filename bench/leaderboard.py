@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+import tasks
 from bench.records import iter_records
 
 METRICS = ("worst_case", "mean_over_test", "train_reward", "val_worst_case", "kl_ref")
@@ -30,15 +31,28 @@ def records_frame(root: Path, task: str | None = None) -> pd.DataFrame:
             "seed": rec.get("seed"),
             "status": rec.get("status"),
             "radius": f"{radius['name']}={radius['value']:g}" if radius else "-",
+            "size": _config_value(rec, "size_key"),
+            "scale": _config_value(rec, "scale_key"),
             "error": (rec.get("error") or {}).get("message"),
             "path": rec["path"],
         }
         metrics = rec.get("metrics") or {}
         row.update({k: metrics.get(k) for k in METRICS})
         rows.append(row)
-    return pd.DataFrame(
-        rows, columns=["task", "method", "config_hash", "seed", "status", "radius", *METRICS, "error", "path"]
-    )
+    columns = ["task", "method", "config_hash", "seed", "status", "radius", "size", "scale", *METRICS]
+    return pd.DataFrame(rows, columns=[*columns, "error", "path"])
+
+
+def _config_value(rec: dict, which: str) -> str:
+    """The record's model size or data scale, read through its task's declared config key."""
+    try:
+        key = getattr(tasks.get(rec["task"]), which)
+    except LookupError:
+        return "-"
+    node = rec.get("config", {})
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return "-" if node is None else str(node)
 
 
 def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
@@ -46,7 +60,7 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
     done = frame[frame.status == "completed"]
     if done.empty:
         return pd.DataFrame()
-    keys = ["task", "method", "config_hash", "radius"]
+    keys = ["task", "method", "config_hash", "radius", "size", "scale"]
     agg = (
         done.groupby(keys, dropna=False)
         .agg(

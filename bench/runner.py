@@ -85,6 +85,7 @@ def run_cell(cell: Cell, root: Path) -> str:
         "pid": os.getpid(),
     }
     try:
+        torch.set_num_threads(max(1, cfg.train.threads))  # float sums depend on the thread count
         record["seeds"] = seed_everything(cfg.seed)
         spec = tasks.get(cell.task)
         module, attr = TRAINERS[spec.trainer].split(":")
@@ -103,8 +104,10 @@ def run_cell(cell: Cell, root: Path) -> str:
     return record["status"]
 
 
-def run_cells(cells: list[Cell], root: str, threads: int = 0) -> list[str]:
-    """A job's body: run its cells in order (the unit submitit schedules)."""
-    if threads:
-        torch.set_num_threads(threads)
-    return [run_cell(cell, Path(root)) for cell in cells]
+def run_cells(cells: list[Cell], root: str) -> list[str]:
+    """A job's body: run its cells in order (the unit submitit schedules).
+
+    A cell already completed is left alone: a requeued job whose cell finished meanwhile (SLURM
+    lets a job run ``KillWait`` seconds after ``scontrol requeue``) does not train it again.
+    """
+    return ["completed" if is_completed(c, Path(root)) else run_cell(c, Path(root)) for c in cells]

@@ -29,6 +29,8 @@ class TaskSpec:
     description: str
     defaults: tuple[str, ...] = ()  # key=value overrides of the generic defaults
     losses: frozenset[str] = frozenset({"rebel", "dpo", "ipo"})
+    size_key: str = ""  # the config key that sweeps' "sizes" axis sets (model size)
+    scale_key: str = "task.n"  # the config key of the "scales" axis (data scale)
 
     def build(self, task_cfg: DictConfig | object) -> object:
         module, attr = self.builder.split(":")
@@ -64,6 +66,7 @@ register_task(
         builder="tasks.linear:LinearTask",
         trainer="linear",
         needs="nothing: exact, CPU, seconds",
+        size_key="task.d",
         description="log-linear policy, K linear objectives, exact expected rewards and KL",
         defaults=(
             "method.eta=1.0",
@@ -84,6 +87,7 @@ register_task(
         builder="tasks.lexicon:LexiconTask",
         trainer="lm",
         needs="nothing: offline, CPU (nrclex + vaderSentiment lexicons, presets built once into the cache)",
+        size_key="task.policy",
         description="sentence starters; 10 NRC emotion heads + VADER; tiny GPT-2 / SmolLM2 policies",
         defaults=(
             "method.eta=0.1",

@@ -21,8 +21,8 @@ def record(cell, root):
 
 def test_same_seed_same_numbers_across_executors(tmp_path):
     cells = [Cell("linear", m, 0, FAST) for m in ("rebel", "chi2-rebel", "wdpo")]
-    launch(cells, tmp_path / "debug", cluster="debug", progress=False)
-    launch(cells, tmp_path / "local", cluster="local", progress=False)
+    launch(cells, tmp_path / "debug", name="t", cluster="debug", progress=False)
+    launch(cells, tmp_path / "local", name="t", cluster="local", progress=False)
     for cell in cells:
         a, b = record(cell, tmp_path / "debug"), record(cell, tmp_path / "local")
         assert a["status"] == b["status"] == "completed"
@@ -46,13 +46,13 @@ def test_micro_batching_does_not_change_the_run(tmp_path):
 def test_rerun_skips_completed_and_failed_cell_is_recorded(tmp_path):
     good = Cell("linear", "rebel", 0, FAST)
     bad = Cell("linear", "chi2-rebel", 0, (*FAST, "task.noise=1e308"))  # rewards overflow to inf
-    report = launch([good, bad], tmp_path, cluster="debug", progress=False)
+    report = launch([good, bad], tmp_path, name="t", cluster="debug", progress=False)
     assert len(report.submitted) == 2
     failed = record(bad, tmp_path)
     assert failed["status"] == "failed" and "NaN" in failed["error"]["message"]
     assert "Traceback" in failed["error"]["traceback"]
     mtime = record_path(good, tmp_path).stat().st_mtime_ns
-    again = launch([good, bad], tmp_path, cluster="debug", progress=False)
+    again = launch([good, bad], tmp_path, name="t", cluster="debug", progress=False)
     assert again.skipped == [good] and again.submitted == [bad]
     assert record_path(good, tmp_path).stat().st_mtime_ns == mtime
     board = leaderboard(records_frame(tmp_path))
@@ -62,7 +62,7 @@ def test_rerun_skips_completed_and_failed_cell_is_recorded(tmp_path):
 def test_leaderboard_aggregates_seeds_and_keeps_configs_apart(tmp_path):
     cells = [Cell("linear", "rebel", s, FAST) for s in (0, 1)]
     cells.append(Cell("linear", "rebel", 0, (*FAST, "method.eta=0.5")))
-    launch(cells, tmp_path, cluster="debug", progress=False)
+    launch(cells, tmp_path, name="t", cluster="debug", progress=False)
     board = leaderboard(records_frame(tmp_path))
     assert sorted(board.seeds) == [1, 2] and board.config_hash.nunique() == 2
     two = board[board.seeds == 2].iloc[0]

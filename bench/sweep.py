@@ -1,0 +1,172 @@
+"""Sweeps: YAML grids of methods x radii x model sizes x data scales x seeds, expanded to cells.
+
+A sweep file (``sweeps/NAME.yaml``)::
+
+    task: linear
+    methods: [rebel, chi2-rebel, w-rebel]   # or: all
+    seeds: [0, 1, 2]
+    radii:                                   # per method, on the method's own radius knob;
+      chi2-rebel: [0.01, 0.1, 1.0]           # "*" applies to every robust method without its own
+    sizes: [4, 8]                            # the task's model-size key (linear: task.d)
+    scales: [256, 1024]                      # the task's data-scale key (task.n)
+    overrides: [train.iterations=100]
+    slurm: {partition: gpu, gpus_per_task: 1, time_min: 240}
+
+Everything is validated before anything runs or is submitted; errors name the offending key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+import methods
+import tasks
+from bench.config import ConfigError
+from bench.registry import UnknownNameError
+from bench.runner import Cell
+
+SWEEP_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+
+
+@dataclass
+class SlurmConfig:
+    """Resources of each array task and how the array is shaped (see the README's sbatch block)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_task: int = 0
+    cpus_per_task: int = 1
+    mem_gb: float = 4.0
+    time_min: int = 60
+    array_limit: int = 1000  # the cluster's MaxArraySize: larger sweeps become several arrays
+    max_running: int = 64  # array tasks running at once (%N)
+    signal_delay_s: int = 90  # USR2 this long before the time limit: checkpoint and requeue
+    max_timeouts: int = 3  # requeues after hitting the time limit
+    setup: list[str] = field(default_factory=list)  # shell lines before the job (module load, ...)
+    extra: dict[str, str] = field(default_factory=dict)  # further sbatch flags, e.g. {constraint: a100}
+    offline: bool = True  # export HF_HUB_OFFLINE / HF_DATASETS_OFFLINE for air-gapped nodes
+    hf_home: str | None = None
+    cache_dir: str | None = None  # BENCH_CACHE_DIR on the nodes (presets, converted models)
+
+
+@dataclass
+class SweepConfig:
+    task: str = "lexicon"
+    methods: list[str] = field(default_factory=lambda: ["all"])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    radii: dict[str, list[float]] = field(default_factory=dict)
+    sizes: list[str] = field(default_factory=list)
+    scales: list[int] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class Sweep:
+    name: str
+    config: SweepConfig
+    cells: list[Cell]
+
+    def folder(self, root: Path) -> Path:
+        return Path(root) / ".sweeps" / self.name
+
+
+def resolve_path(name: str) -> Path:
+    """A sweep name (``smoke`` -> ``sweeps/smoke.yaml``) or a path to a YAML file."""
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = SWEEP_DIR / f"{name}.yaml"
+    if candidate.exists():
+        return candidate
+    known = sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"no sweep {name!r}: not a YAML file and not one of {', '.join(known)}")
+
+
+def load_sweep_config(path: Path) -> SweepConfig:
+    try:
+        raw = OmegaConf.load(path)
+        cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"sweep {path}: {_first_line(err)}") from None
+    for axis in ("methods", "seeds", "sizes", "scales"):
+        if axis in raw and not raw[axis]:
+            raise ConfigError(f"sweep {path}: axis {axis!r} is empty")
+    return OmegaConf.to_object(cfg)
+
+
+def _first_line(err: Exception) -> str:
+    lines = str(err).splitlines()
+    key = next((ln.strip() for ln in lines if ln.strip().startswith("full_key:")), "")
+    return f"{lines[0]} ({key})" if key else lines[0]
+
+
+def expand(cfg: SweepConfig, name: str) -> Sweep:
+    """Validate every axis and expand the grid into cells (each config built once to check it)."""
+    where = f"sweep {name}"
+    try:
+        spec = tasks.get(cfg.task)
+        for n in cfg.methods if cfg.methods != ["all"] else []:
+            methods.get(n)
+    except UnknownNameError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    for axis in ("methods", "seeds"):
+        if not getattr(cfg, axis):
+            raise ConfigError(f"{where}: axis {axis!r} is empty")
+    if cfg.sizes and not spec.size_key:
+        raise ConfigError(f"{where}: task {cfg.task!r} has no model-size axis")
+    if cfg.methods == ["all"]:
+        names = [n for n in methods.names() if methods.get(n).loss in spec.losses]
+    else:
+        names = list(cfg.methods)
+    if len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
+        raise ConfigError(f"{where}: seeds must be distinct non-negative integers, got {list(cfg.seeds)}")
+    for key, values in cfg.radii.items():
+        if key != "*" and key not in names:
+            raise ConfigError(
+                f"{where}: radii.{key} names a method that is not in the sweep ({', '.join(names)})"
+            )
+        if not values:
+            raise ConfigError(f"{where}: radii.{key} is empty")
+        if key != "*" and methods.get(key).knob is None:
+            raise ConfigError(f"{where}: radii.{key}: {key} has no radius knob")
+    cells = []
+    for method in names:
+        knob = methods.get(method).knob
+        radii = cfg.radii.get(method) or (cfg.radii.get("*") if knob else None) or [None]
+        for radius, size, scale, seed in itertools.product(
+            radii, cfg.sizes or [None], cfg.scales or [None], cfg.seeds
+        ):
+            extra = list(cfg.overrides)
+            if radius is not None:
+                extra.append(f"method.{knob.name}={radius}")
+            if size is not None:
+                extra.append(f"{spec.size_key}={size}")
+            if scale is not None:
+                extra.append(f"{spec.scale_key}={scale}")
+            cell = Cell(cfg.task, method, int(seed), tuple(extra))
+            try:
+                cell.config()
+            except (ConfigError, ValueError) as err:
+                raise ConfigError(f"{where}: cell {cell.label()}: {err}") from None
+            cells.append(cell)
+    return Sweep(name, cfg, cells)
+
+
+def load_sweep(name: str) -> Sweep:
+    path = resolve_path(name)
+    return expand(load_sweep_config(path), path.stem)
+
+
+def adhoc_name(cells: list[Cell]) -> str:
+    """A stable name for a sweep given on the command line: the hash of its cells."""
+    payload = json.dumps([[c.task, c.method, c.seed, list(c.overrides)] for c in cells], sort_keys=True)
+    return "adhoc-" + hashlib.sha256(payload.encode()).hexdigest()[:10]
