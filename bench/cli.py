@@ -63,8 +63,6 @@ def split_list(text: str) -> list[str]:
 
 def build_sweep(args: argparse.Namespace):
     """The sweep of a ``bench run``: a sweep file and/or CLI axes (CLI axes win)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
 
     from bench.sweep import SweepConfig, adhoc_name, expand, load_sweep_config, resolve_path
 
@@ -76,20 +74,20 @@ def build_sweep(args: argparse.Namespace):
         cfg.methods = ["all"] if args.methods == "all" else split_list(args.methods)
     if args.seeds is not None:
         cfg.seeds = args.seeds
-    if args.radii:
-        cfg.radii = {"*": [float(r) for r in split_list(args.radii)]}
+    try:
+        if args.radii:
+            cfg.radii = {"*": [float(r) for r in split_list(args.radii)]}
+        if args.scales:
+            cfg.scales = [int(s) for s in split_list(args.scales)]
+    except ValueError as err:
+        raise ConfigError(f"--radii takes numbers and --scales integers: {err}") from None
     if args.sizes:
         cfg.sizes = split_list(args.sizes)
-    if args.scales:
-        cfg.scales = [int(s) for s in split_list(args.scales)]
     run_overrides = [o for o in args.overrides if not o.startswith("slurm.")]
-    slurm_overrides = [o[len("slurm.") :] for o in args.overrides if o.startswith("slurm.")]
     cfg.overrides = [*cfg.overrides, *run_overrides]
-    try:
-        slurm = OmegaConf.merge(OmegaConf.structured(cfg.slurm), OmegaConf.from_dotlist(slurm_overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"slurm overrides: {str(err).splitlines()[0]}") from None
-    cfg.slurm = OmegaConf.to_object(slurm)
+    cfg.slurm = _slurm_config(
+        [o[len("slurm.") :] for o in args.overrides if o.startswith("slurm.")], cfg.slurm
+    )
     sweep = expand(cfg, path.stem if path else "command line")
     if not path:
         sweep.name = adhoc_name(sweep.cells)
@@ -163,6 +161,83 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from bench.config import build_config, config_hash
+    from bench.launch import launch
+    from bench.leaderboard import format_leaderboard, leaderboard, records_frame
+    from bench.sweep import resolve_path
+    from bench.tune import TuneSpec, load_space, run_tuning, storage_url, trial_cell
+
+    method = methods.get(args.method)
+    if method.knob is None:
+        raise ConfigError(
+            f"{args.method} has no radius knob to tune; robust methods: "
+            + ", ".join(n for n in methods.names() if methods.get(n).knob)
+        )
+    run_overrides = [o for o in args.overrides if not o.startswith("slurm.")]
+    base = build_config(args.task, args.method, run_overrides, args.tune_seed)  # fails fast on bad input
+    space = load_space(resolve_path(args.space)) if args.space else ()
+    study = args.study or f"{args.task}-{args.method}-{config_hash(base)}"
+    results = Path(args.results).resolve()
+    spec = TuneSpec(
+        args.task,
+        args.method,
+        study,
+        storage_url(args.storage, results, study),
+        str(results),
+        tuple(run_overrides),
+        space,
+        args.pruner,
+        args.tune_seed,
+    )
+    slurm = _slurm_config([o[len("slurm.") :] for o in args.overrides if o.startswith("slurm.")])
+    result = run_tuning(spec, args.trials, args.workers, args.cluster, slurm=slurm)
+    knob = method.knob.name
+    print(
+        f"study {study} ({spec.storage}): {len(result.table)} trials"
+        + (f", {result.recovered} interrupted trials re-queued" if result.recovered else "")
+        + f", {result.ran} run now"
+    )
+    shown = result.table.rename(columns={"radius": knob})
+    print(tabulate(shown, headers="keys", showindex=False, floatfmt=".4g"))
+    best = ", ".join(
+        f"{knob if k == 'radius' else k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in result.best_params.items()
+    )
+    print(f"\nbest: {best}  (validation worst case {result.best_value:.4f})")
+    print(f"trials.csv, history.png and objective_vs_radius.png are in {spec.folder}")
+    if not args.then_test:
+        return 0
+    tag = f"tuned:{study}"
+    cells = [trial_cell(spec, result.best_params, seed, (tag,)) for seed in args.seeds or [0]]
+    report = launch(
+        cells, results, name=f"tuned-{study}", cluster=args.cluster, slurm=slurm, progress=not args.quiet
+    )
+    if args.cluster == "slurm":
+        print(f"submitted {len(report.submitted)} test cells; bench status --sweep tuned-{study}")
+        return 0
+    wanted = {config_hash(c.config()) for c in cells}
+    frame = records_frame(results, args.task)
+    print(format_leaderboard(leaderboard(frame[frame.config_hash.isin(wanted)])))
+    return 0
+
+
+def _slurm_config(overrides: list[str]):
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from bench.sweep import SlurmConfig
+
+    try:
+        return OmegaConf.to_object(
+            OmegaConf.merge(OmegaConf.structured(SlurmConfig), OmegaConf.from_dotlist(overrides))
+        )
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"slurm overrides: {str(err).splitlines()[0]}") from None
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.leaderboard import failures, format_leaderboard, leaderboard, records_frame
 
@@ -221,6 +296,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser(
+        "tune", help="Optuna search of a method's radius on validation mixtures", epilog=EPILOG
+    )
+    p.add_argument("--method", required=True)
+    p.add_argument("--task", default="lexicon")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--workers", type=int, default=1, help="parallel workers on one study")
+    p.add_argument("--cluster", default="local", choices=["debug", "local", "slurm"])
+    p.add_argument(
+        "--storage", default="sqlite", help="sqlite (default), journal, journal:PATH or an RDB URL"
+    )
+    p.add_argument("--study", default=None, help="study name (default: task-method-confighash)")
+    p.add_argument("--space", default=None, help="search-space file for further hyperparameters")
+    p.add_argument("--pruner", default="median", choices=["median", "none"])
+    p.add_argument("--tune-seed", type=int, default=0, help="training seed of every trial")
+    p.add_argument("--then-test", action="store_true", help="train the best radius on --seeds as run records")
+    p.add_argument("--seeds", type=parse_seeds, default=None)
+    p.add_argument("--results", default="results")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("status", help="per sweep: completed / running / pending / failed cells and why")
     p.add_argument("--sweep", default=None)

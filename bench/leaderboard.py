@@ -30,7 +30,8 @@ def records_frame(root: Path, task: str | None = None) -> pd.DataFrame:
             "config_hash": rec.get("config_hash"),
             "seed": rec.get("seed"),
             "status": rec.get("status"),
-            "radius": f"{radius['name']}={radius['value']:g}" if radius else "-",
+            "radius": (f"{radius['name']}={radius['value']:.4g}" if radius else "-")
+            + (" (tuned)" if any(t.startswith("tuned:") for t in rec.get("tags", [])) else ""),
             "size": _config_value(rec, "size_key"),
             "scale": _config_value(rec, "scale_key"),
             "error": (rec.get("error") or {}).get("message"),

@@ -7,6 +7,7 @@ import importlib
 import os
 import random
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,14 +23,23 @@ from bench.records import environment, git_commit, read_json, write_json_atomic
 TRAINERS = {"linear": "bench.train_linear:train", "lm": "bench.train:train"}
 
 
+class StopRun(Exception):
+    """Raised by an ``on_eval`` callback to stop a run early (an Optuna pruning decision)."""
+
+
+OnEval = Callable[[int, dict], None]
+
+
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work. ``overrides`` are ``key=value`` strings applied to the task's defaults."""
+    """One unit of work. ``overrides`` are ``key=value`` strings applied to the task's defaults;
+    ``tags`` label the record (e.g. ``tuned:<study>``) without entering the config hash."""
 
     task: str
     method: str
     seed: int = 0
     overrides: tuple[str, ...] = field(default_factory=tuple)
+    tags: tuple[str, ...] = field(default_factory=tuple)
 
     def config(self) -> DictConfig:
         return build_config(self.task, self.method, self.overrides, self.seed)
@@ -66,8 +76,12 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_cell(cell: Cell, root: Path) -> str:
-    """Train and evaluate one cell; write ``record.json`` atomically; return the status."""
+def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
+    """Train and evaluate one cell; write ``record.json`` atomically; return the status.
+
+    ``on_eval(iteration, scores)`` is called after every evaluation; if it raises ``StopRun`` the
+    record says ``pruned`` and the exception propagates.
+    """
     cfg = cell.config()
     knob = methods.get(cell.method).knob
     record = {
@@ -76,6 +90,7 @@ def run_cell(cell: Cell, root: Path) -> str:
         "method": cell.method,
         "seed": cell.seed,
         "overrides": list(cell.overrides),
+        "tags": list(cell.tags),
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
         "radius": {"name": knob.name, "value": method_radius(cfg)} if knob else None,
@@ -90,8 +105,13 @@ def run_cell(cell: Cell, root: Path) -> str:
         spec = tasks.get(cell.task)
         module, attr = TRAINERS[spec.trainer].split(":")
         train = getattr(importlib.import_module(module), attr)
-        record.update(train(cfg, spec.build(cfg.task), cell.run_dir(root)))
+        record.update(train(cfg, spec.build(cfg.task), cell.run_dir(root), on_eval=on_eval))
         record["status"] = "completed"
+    except StopRun as stop:
+        record.update(status="pruned", error={"type": "StopRun", "message": str(stop), "traceback": ""})
+        record["finished"] = _now()
+        write_json_atomic(record_path(cell, root), record)
+        raise
     except Exception as err:  # a failed cell is recorded, never raised into the sweep
         record["status"] = "failed"
         record["error"] = {

@@ -37,6 +37,7 @@ from bench.config import loss_kwargs, method_radius
 from bench.evaluate import HeadScaler, evaluate_lm
 from bench.lm import SequenceBatch, sample, sequence_batch, sequence_logps
 from bench.resources import peak_memory_mb
+from bench.runner import OnEval
 from methods import Method, PairScores
 from methods.pointwise import preference_labels
 from methods.wasserstein import double_backprop_attention
@@ -171,7 +172,7 @@ def precision(device: torch.device, name: str) -> Iterator[None]:
         yield
 
 
-def train(cfg: DictConfig, task, run_dir: Path) -> dict:
+def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -> dict:
     """Train and evaluate one cell, resuming from ``run_dir/checkpoint.pt`` if one exists."""
     method = methods.get(cfg.method.name)
     radius, hparams = method_radius(cfg), loss_kwargs(cfg)

@@ -22,6 +22,7 @@ import methods
 from bench.config import loss_kwargs, method_radius
 from bench.evaluate import mixture_scores
 from bench.resources import peak_memory_mb
+from bench.runner import OnEval
 from methods import Method, PairScores
 from methods.pointwise import preference_labels
 from tasks.linear import LinearTask
@@ -90,7 +91,7 @@ def evaluate(task: LinearTask, theta: Tensor, target: Tensor | None, seed: int) 
     return scores
 
 
-def train(cfg: DictConfig, task: LinearTask, run_dir: Path) -> dict:
+def train(cfg: DictConfig, task: LinearTask, run_dir: Path, on_eval: OnEval | None = None) -> dict:
     """Train one cell; returns metrics (final and reference rows), curves and timings."""
     del run_dir  # a cell takes seconds: it keeps no checkpoints
     method = methods.get(cfg.method.name)
@@ -128,6 +129,8 @@ def train(cfg: DictConfig, task: LinearTask, run_dir: Path) -> dict:
         if it % cfg.train.eval_every == 0 or it == cfg.train.iterations:
             row = evaluate(task, theta, target, cfg.seed)
             curves.append({"iteration": it, "robust_value": float(stats.value), **_curve_row(row)})
+            if on_eval is not None:
+                on_eval(it, row)
     elapsed = time.perf_counter() - start
     final = evaluate(task, theta, target, cfg.seed)
     pairs = cfg.train.iterations * cfg.train.batch_size

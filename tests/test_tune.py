@@ -1,0 +1,149 @@
+"""bench tune: finds a better radius when one exists, parallel workers, resume, --then-test."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from bench.cli import main
+from bench.config import ConfigError
+from bench.runner import Cell, record_path, run_cell
+from bench.tune import TuneSpec, load_space, make_study, run_tuning, split_budget, storage_url
+
+pytestmark = pytest.mark.slow
+FAST = ("train.iterations=60", "train.eval_every=20", "task.n_test=128", "task.n_val=96")
+
+
+def spec_for(tmp_path, study="s", storage="sqlite", method="kldpo", pruner="median"):
+    results = tmp_path.resolve()
+    return TuneSpec(
+        "linear", method, study, storage_url(storage, results, study), str(results), FAST, pruner=pruner
+    )
+
+
+def test_tuning_beats_the_untuned_default_when_the_default_is_bad(tmp_path):
+    # Constructed case: KL-DPO's default tau = 0.1 concentrates the weights on a few noisy pairs and
+    # barely learns on the linear task; larger tau learns. Tuning must find a better radius.
+    default = Cell("linear", "kldpo", 0, FAST)
+    run_cell(default, tmp_path / "default")
+    untuned = json.loads(record_path(default, tmp_path / "default").read_text())["metrics"]["val_worst_case"]
+    result = run_tuning(spec_for(tmp_path), trials=10)
+    assert result.best_params["radius"] > 1.0
+    assert result.best_value > untuned + 0.03
+    assert (tmp_path / "tune" / "s" / "history.png").exists()
+    assert (tmp_path / "tune" / "s" / "objective_vs_radius.pdf").exists()
+    assert not (tmp_path / "linear").exists(), "tuning trials never enter the leaderboard's folders"
+
+
+def test_two_local_workers_share_one_study_without_losing_trials(tmp_path):
+    spec = spec_for(tmp_path, storage="journal", pruner="none")
+    result = run_tuning(spec, trials=6, workers=2, cluster="local")
+    trials = result.study.get_trials()
+    assert len(trials) == 6 and sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state == TrialState.COMPLETE and t.value is not None for t in trials)
+    assert len({t.params["radius"] for t in trials}) == 6
+    again = run_tuning(spec, trials=6, workers=2, cluster="local")
+    assert again.ran == 0 and len(again.study.get_trials()) == 6
+
+
+def test_an_interrupted_study_resumes(tmp_path):
+    exe = Path(sys.executable).with_name("bench")
+    cmd = [
+        str(exe),
+        "tune",
+        "--method",
+        "kldpo",
+        "--task",
+        "linear",
+        "--trials",
+        "6",
+        "--cluster",
+        "debug",
+        "--pruner",
+        "none",
+        "--study",
+        "r",
+        "--results",
+        str(tmp_path),
+        *FAST,
+        "train.iterations=400",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    spec = spec_for(tmp_path, study="r", pruner="none")
+    deadline = time.time() + 240
+    before = []
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if not (tmp_path / "tune" / "r.db").exists():
+            continue
+        try:
+            trials = optuna.load_study(study_name="r", storage=spec.storage).get_trials()
+        except KeyError:  # the study is not created yet
+            continue
+        if (
+            sum(t.state == TrialState.COMPLETE for t in trials) >= 2
+            and trials[-1].state == TrialState.RUNNING
+        ):
+            proc.kill()
+            before = [t for t in trials if t.state == TrialState.COMPLETE]
+            break
+    proc.wait()
+    assert before, "the tuning run ended before it could be interrupted"
+    result = run_tuning(spec, trials=6)
+    assert result.recovered == 1
+    trials = result.study.get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 6
+    assert [(t.number, t.params, t.value) for t in done[: len(before)]] == [
+        (t.number, t.params, t.value) for t in before
+    ]
+    interrupted = [t for t in trials if t.user_attrs.get("interrupted")]
+    assert len(interrupted) == 1
+    assert any(t.params == interrupted[0].params for t in done), (
+        "the interrupted trial's parameters were re-run"
+    )
+
+
+def test_then_test_writes_tuned_records_that_enter_the_leaderboard(tmp_path, capsys):
+    args = [
+        "tune",
+        "--method",
+        "kldpo",
+        "--task",
+        "linear",
+        "--trials",
+        "4",
+        "--cluster",
+        "debug",
+        "--pruner",
+        "none",
+        "--results",
+        str(tmp_path),
+        "--then-test",
+        "--seeds",
+        "0,1",
+        "--quiet",
+        *FAST,
+    ]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "best: tau=" in out and "kldpo" in out.split("best:")[1]
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "linear" / "kldpo").rglob("record.json")]
+    assert len(recs) == 2 and {r["seed"] for r in recs} == {0, 1}
+    assert all(r["status"] == "completed" and r["tags"][0].startswith("tuned:") for r in recs)
+
+
+def test_bad_input_is_named(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("params:\n  train.lr: {low: 1.0, high: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"params\.train\.lr"):
+        load_space(space)
+    assert main(["tune", "--method", "rebel", "--task", "linear", "--results", str(tmp_path)]) == 2
+    assert split_budget(5, 2) == [3, 2] and split_budget(1, 3) == [1]
+    study = make_study(spec_for(tmp_path, study="empty"))
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
