@@ -97,7 +97,7 @@ def build_sweep(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import config_hash
     from bench.launch import launch
-    from bench.leaderboard import failures, format_leaderboard, leaderboard, records_frame
+    from bench.leaderboard import failures, format_leaderboard, leaderboard, load_records, records_frame
 
     sweep = build_sweep(args)
     root = Path(args.results)
@@ -127,7 +127,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for err in report.job_errors:
         print(f"job failure: {err}", file=sys.stderr)
     wanted = {(c.method, config_hash(c.config())) for c in sweep.cells}
-    frame = records_frame(root, sweep.cells[0].task)
+    frame = records_frame(load_records(root, sweep.cells[0].task))
     frame = frame[[(m, h) in wanted for m, h in zip(frame.method, frame.config_hash, strict=True)]]
     print(format_leaderboard(leaderboard(frame)))
     failed = failures(frame)
@@ -166,7 +166,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from bench.config import build_config, config_hash
     from bench.launch import launch
-    from bench.leaderboard import format_leaderboard, leaderboard, records_frame
+    from bench.leaderboard import format_leaderboard, leaderboard, load_records, records_frame
     from bench.sweep import resolve_path
     from bench.tune import TuneSpec, load_space, run_tuning, storage_url, trial_cell
 
@@ -219,29 +219,52 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(f"submitted {len(report.submitted)} test cells; bench status --sweep tuned-{study}")
         return 0
     wanted = {config_hash(c.config()) for c in cells}
-    frame = records_frame(results, args.task)
+    frame = records_frame(load_records(results, args.task))
     print(format_leaderboard(leaderboard(frame[frame.config_hash.isin(wanted)])))
     return 0
 
 
-def _slurm_config(overrides: list[str]):
+def _slurm_config(overrides: list[str], base=None):
+    """SLURM resources: ``base`` (a sweep's section, or the defaults) with ``KEY=VALUE`` overrides."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     from bench.sweep import SlurmConfig
 
     try:
-        return OmegaConf.to_object(
-            OmegaConf.merge(OmegaConf.structured(SlurmConfig), OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(
+            OmegaConf.structured(base or SlurmConfig()), OmegaConf.from_dotlist(overrides)
         )
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(f"slurm overrides: {str(err).splitlines()[0]}") from None
 
 
-def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from bench.leaderboard import failures, format_leaderboard, leaderboard, records_frame
+def cmd_report(args: argparse.Namespace) -> int:
+    from bench.report import refresh_readme, write_reports
 
-    frame = records_frame(Path(args.results), args.task)
+    out = Path(args.out) if args.out else Path(args.results) / "reports"
+    reports = write_reports(Path(args.results), out, args.task, args.sweep, figures=not args.no_figures)
+    if not reports:
+        print(f"no run records under {args.results}" + (f" for task {args.task}" if args.task else ""))
+        return 1
+    for rep in reports:
+        if rep.markdown:
+            print(f"## {rep.task}\n\n{rep.markdown}\n")
+        if not rep.failed.empty:
+            print(f"{len(rep.failed)} failed or incomplete cells (not ranked):")
+            print(rep.failed.to_markdown(index=False) + "\n")
+        print("wrote " + ", ".join(str(p) for p in rep.files) + "\n")
+    if args.readme:
+        refresh_readme(Path(args.readme_path), reports)
+        print(f"refreshed the results section of {args.readme_path}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.leaderboard import failures, format_leaderboard, leaderboard, load_records, records_frame
+
+    frame = records_frame(load_records(Path(args.results), args.task))
     print(format_leaderboard(leaderboard(frame)))
     failed = failures(frame)
     if not failed.empty:
@@ -252,8 +275,9 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def cmd_coverage(args: argparse.Namespace) -> int:
     from bench.coverage import load_study, run_study
+    from bench.sweep import resolve_path
 
-    study = load_study(Path(args.sweep), args.overrides)
+    study = load_study(resolve_path(args.sweep), args.overrides)
     result = run_study(study, Path(args.results))
     print(result.table)
     print(f"\ntrials, slopes and this table are in {result.folder}")
@@ -324,13 +348,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results")
     p.set_defaults(fn=cmd_status)
 
+    p = sub.add_parser(
+        "report", help="leaderboards (Markdown, LaTeX, CSV, HTML) and figures from the records"
+    )
+    p.add_argument("--task", default=None)
+    p.add_argument("--sweep", default=None, help="only the cells of this launched sweep")
+    p.add_argument("--results", default="results")
+    p.add_argument("--out", default=None, help="output folder (default: RESULTS/reports)")
+    p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--readme", action="store_true", help="refresh the marked results section of the README")
+    p.add_argument("--readme-path", default="README.md")
+    p.set_defaults(fn=cmd_report)
+
     p = sub.add_parser("leaderboard", help="print the leaderboard of the records under --results")
     p.add_argument("--task", default=None)
     p.add_argument("--results", default="results")
     p.set_defaults(fn=cmd_leaderboard)
 
     p = sub.add_parser("coverage", help="the radius-coverage study on the linear task", epilog=EPILOG)
-    p.add_argument("--sweep", default="sweeps/radius-coverage.yaml")
+    p.add_argument("--sweep", default="radius-coverage", help="study file name in sweeps/ or a YAML path")
     p.add_argument("--results", default="results")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=cmd_coverage)

@@ -40,7 +40,10 @@ def mixture_scores(
     out: dict = {"mixtures": {}}
     reps = _bootstrap(test, bootstrap, gen) if bootstrap else None
     for j, m in enumerate(protocol.test):
-        row = {"reward": float(means[j])}
+        row = {"reward": float(means[j]), "weights": list(m.weights)}
+        alpha = protocol.pair_alpha(m)
+        if alpha is not None:
+            row["pair_alpha"] = alpha
         if reps is not None:
             lo, hi = torch.quantile(reps[:, j], torch.tensor([0.025, 0.975], dtype=reps.dtype))
             row.update(ci_low=float(lo), ci_high=float(hi))
@@ -52,6 +55,8 @@ def mixture_scores(
         lo, hi = torch.quantile(reps.min(1).values, torch.tensor([0.025, 0.975], dtype=reps.dtype))
         out["worst_case_ci"] = [float(lo), float(hi)]
     out["mean_over_test"] = float(means.mean())
+    out["objectives"] = list(protocol.names)
+    out["seen_pair"] = [protocol.names[k] for k in protocol.seen[:2]] if protocol.names else []
     out["train_reward"] = float(protocol.train.apply(test_heads.double()).mean())
     val = _mixture_matrix(val_heads.double(), protocol.val).mean(0)
     out["val_worst_case"] = float(val.min())

@@ -1,37 +1,61 @@
 """Leaderboards from run records alone: methods ranked by worst-case reward on test mixtures.
 
 Records are grouped by (task, method, config hash): seeds of one config are aggregated (mean,
-sample std, count), different configs of a method stay separate rows. Failed cells are listed
-apart and never ranked.
+sample std, count, 95% t-interval), different configs of a method stay separate rows. Failed and
+incomplete cells are listed apart and never ranked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 from pathlib import Path
 
 import pandas as pd
+from scipy import stats
 
 import tasks
-from bench.records import iter_records
+from bench.records import iter_records, read_json
 
 METRICS = ("worst_case", "mean_over_test", "train_reward", "val_worst_case", "kl_ref")
 
 
-def records_frame(root: Path, task: str | None = None) -> pd.DataFrame:
-    """One row per record: identity, status, radius and the final metrics."""
+def load_records(root: Path, task: str | None = None, sweep: str | None = None) -> list[dict]:
+    """Records under ``root``, optionally of one task and/or of one launched sweep's cells."""
+    records = [r for r in iter_records(root) if not task or r.get("task") == task]
+    if sweep:
+        cells_file = Path(root) / ".sweeps" / sweep / "cells.json"
+        if not cells_file.exists():
+            raise FileNotFoundError(f"no launched sweep {sweep!r} under {root}")
+        keys = {c["key"] for c in read_json(cells_file)}
+        records = [r for r in records if str(Path(r["path"]).parent.relative_to(Path(root))) in keys]
+    return records
+
+
+def context_hash(config: dict) -> str:
+    """Hash of a config without its method section and seed: runs that differ only in method."""
+    rest = {k: v for k, v in config.items() if k not in ("method", "seed")}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def records_frame(records: list[dict]) -> pd.DataFrame:
+    """One row per record: identity, status, radius, size, scale, final metrics, capabilities."""
     rows = []
-    for rec in iter_records(root):
-        if task and rec.get("task") != task:
-            continue
+    for rec in records:
         radius = rec.get("radius") or {}
+        tuned = any(t.startswith("tuned:") for t in rec.get("tags", []))
         row = {
             "task": rec.get("task"),
             "method": rec.get("method"),
             "config_hash": rec.get("config_hash"),
+            "context_hash": context_hash(rec.get("config", {})),
             "seed": rec.get("seed"),
             "status": rec.get("status"),
+            "radius_name": radius.get("name"),
+            "radius_value": radius.get("value", math.nan),
             "radius": (f"{radius['name']}={radius['value']:.4g}" if radius else "-")
-            + (" (tuned)" if any(t.startswith("tuned:") for t in rec.get("tags", [])) else ""),
+            + (" (tuned)" if tuned else ""),
             "size": _config_value(rec, "size_key"),
             "scale": _config_value(rec, "scale_key"),
             "error": (rec.get("error") or {}).get("message"),
@@ -39,9 +63,26 @@ def records_frame(root: Path, task: str | None = None) -> pd.DataFrame:
         }
         metrics = rec.get("metrics") or {}
         row.update({k: metrics.get(k) for k in METRICS})
+        row.update({f"cap:{k}": v for k, v in (rec.get("capabilities") or {}).items()})
         rows.append(row)
-    columns = ["task", "method", "config_hash", "seed", "status", "radius", "size", "scale", *METRICS]
-    return pd.DataFrame(rows, columns=[*columns, "error", "path"])
+    columns = [
+        "task",
+        "method",
+        "config_hash",
+        "context_hash",
+        "seed",
+        "status",
+        "radius_name",
+        "radius_value",
+        "radius",
+        "size",
+        "scale",
+        *METRICS,
+        "error",
+        "path",
+    ]
+    frame = pd.DataFrame(rows)
+    return frame.reindex(columns=[*columns, *sorted(c for c in frame.columns if c.startswith("cap:"))])
 
 
 def _config_value(rec: dict, which: str) -> str:
@@ -56,24 +97,32 @@ def _config_value(rec: dict, which: str) -> str:
     return "-" if node is None else str(node)
 
 
+def t_halfwidth(values: pd.Series) -> float:
+    """Half-width of the 95% Student-t interval of the mean over seeds (NaN for one seed)."""
+    n = values.count()
+    if n < 2:
+        return math.nan
+    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+
+
 def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
     """Completed records aggregated over seeds per config; ranked by mean worst-case reward."""
     done = frame[frame.status == "completed"]
     if done.empty:
         return pd.DataFrame()
-    keys = ["task", "method", "config_hash", "radius", "size", "scale"]
-    agg = (
-        done.groupby(keys, dropna=False)
-        .agg(
-            worst_case=("worst_case", "mean"),
-            worst_case_std=("worst_case", "std"),
-            seeds=("seed", "nunique"),
-            mean_over_test=("mean_over_test", "mean"),
-            train_reward=("train_reward", "mean"),
-            kl_ref=("kl_ref", "mean"),
-        )
-        .reset_index()
-    )
+    keys = ["task", "method", "config_hash", "context_hash", "radius", "radius_value", "size", "scale"]
+    caps = [c for c in done.columns if c.startswith("cap:")]
+    grouped = done.groupby(keys, dropna=False)
+    agg = grouped.agg(
+        worst_case=("worst_case", "mean"),
+        worst_case_std=("worst_case", "std"),
+        worst_case_ci=("worst_case", t_halfwidth),
+        seeds=("seed", "nunique"),
+        mean_over_test=("mean_over_test", "mean"),
+        train_reward=("train_reward", "mean"),
+        kl_ref=("kl_ref", "mean"),
+        **{c: (c, "mean") for c in caps},
+    ).reset_index()
     agg["worst_case_std"] = agg["worst_case_std"].fillna(0.0)
     agg = agg.sort_values(["task", "worst_case"], ascending=[True, False]).reset_index(drop=True)
     agg.insert(0, "rank", agg.groupby("task").cumcount() + 1)
@@ -85,11 +134,28 @@ def failures(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def format_leaderboard(board: pd.DataFrame) -> str:
+    """The terminal leaderboard (Markdown)."""
     if board.empty:
         return "(no completed runs)"
     shown = board.assign(
         worst_case=[f"{m:.4f} ± {s:.4f}" for m, s in zip(board.worst_case, board.worst_case_std, strict=True)]
-    ).drop(columns=["worst_case_std"])
+    )
+    shown = shown[
+        [
+            "rank",
+            "task",
+            "method",
+            "config_hash",
+            "radius",
+            "size",
+            "scale",
+            "worst_case",
+            "seeds",
+            "mean_over_test",
+            "train_reward",
+            "kl_ref",
+        ]
+    ]
     shown = shown.rename(
         columns={
             "worst_case": "worst-case (mean ± std)",

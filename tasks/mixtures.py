@@ -62,6 +62,14 @@ class Protocol:
     seen: tuple[int, ...]
     alpha0: float
     random_pairs: bool = False
+    names: tuple[str, ...] = ()
+
+    def pair_alpha(self, mixture: Mixture) -> float | None:
+        """``alpha`` if ``mixture`` is ``alpha·seen[0] + (1-alpha)·seen[1]``, else None."""
+        a, b = self.seen[:2]
+        if any(w for k, w in enumerate(mixture.weights) if k not in (a, b)):
+            return None
+        return mixture.weights[a]
 
     def pairs(self) -> list[tuple[int, int]]:
         return [(a, b) for a in self.seen for b in self.seen if a != b]
@@ -104,4 +112,4 @@ def pair_protocol(
             test.append(_mix(names, {u: 0.5, s: 0.5}, kind))
             val.append(_mix(names, {u: 0.25, s: 0.75}, kind))
     train = _mix(names, {a: alpha0, b: 1 - alpha0}, kind)
-    return Protocol(train, tuple(val), tuple(test), tuple(seen), alpha0, random_pairs)
+    return Protocol(train, tuple(val), tuple(test), tuple(seen), alpha0, random_pairs, tuple(names))

@@ -9,7 +9,7 @@ import pytest
 
 from bench.cli import main
 from bench.launch import launch
-from bench.leaderboard import leaderboard, records_frame
+from bench.leaderboard import leaderboard, load_records, records_frame
 from bench.runner import Cell, record_path, run_cell
 
 FAST = ("train.iterations=20", "train.eval_every=10", "task.n=64", "task.n_test=64", "task.n_val=32")
@@ -55,7 +55,7 @@ def test_rerun_skips_completed_and_failed_cell_is_recorded(tmp_path):
     again = launch([good, bad], tmp_path, name="t", cluster="debug", progress=False)
     assert again.skipped == [good] and again.submitted == [bad]
     assert record_path(good, tmp_path).stat().st_mtime_ns == mtime
-    board = leaderboard(records_frame(tmp_path))
+    board = leaderboard(records_frame(load_records(tmp_path)))
     assert list(board.method) == ["rebel"], "a failed cell never enters the ranking"
 
 
@@ -63,7 +63,7 @@ def test_leaderboard_aggregates_seeds_and_keeps_configs_apart(tmp_path):
     cells = [Cell("linear", "rebel", s, FAST) for s in (0, 1)]
     cells.append(Cell("linear", "rebel", 0, (*FAST, "method.eta=0.5")))
     launch(cells, tmp_path, name="t", cluster="debug", progress=False)
-    board = leaderboard(records_frame(tmp_path))
+    board = leaderboard(records_frame(load_records(tmp_path)))
     assert sorted(board.seeds) == [1, 2] and board.config_hash.nunique() == 2
     two = board[board.seeds == 2].iloc[0]
     values = [record(c, tmp_path)["metrics"]["worst_case"] for c in cells[:2]]

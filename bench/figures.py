@@ -1,0 +1,189 @@
+"""Figures of ``bench report`` (seaborn; PNG and PDF), each a pure function of run records.
+
+* ``preference_shift``: reward against the mixture weight alpha of the seen objective pair, one
+  line per method config (the paper's preference-shift curve; band: 95% CI over seeds);
+* ``worst_vs_<axis>``: worst-case reward against the radius, the model size or the data scale,
+  for whichever axes the records span, one line per method (and per context when several);
+* ``learning_curves``: worst-case test reward against the iteration;
+* ``radius_coverage``: the coverage study's mean parameter error against n, log-log, with the
+  fitted slopes in the legend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+sns.set_theme(style="whitegrid", context="paper")
+
+
+def _legend_outside(ax) -> None:
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+
+
+def _save(fig, folder: Path, name: str) -> list[Path]:
+    fig.tight_layout()
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def _labels(frame: pd.DataFrame) -> pd.Series:
+    """``method`` when a method has one config in view, else ``method (radius, size, scale)``."""
+    configs = frame.groupby("method").config_hash.nunique()
+    out = []
+    for row in frame.itertuples():
+        if configs.get(row.method, 1) == 1:
+            out.append(row.method)
+        else:
+            parts = [p for p in (row.radius, f"size {row.size}", f"n {row.scale}") if not p.endswith("-")]
+            out.append(f"{row.method} ({', '.join(parts)})")
+    return pd.Series(out, index=frame.index)
+
+
+def preference_shift(records: list[dict], frame: pd.DataFrame, folder: Path) -> list[Path]:
+    labels = dict(zip(frame.path, _labels(frame), strict=True))
+    rows, pair = [], None
+    for rec in records:
+        metrics = rec.get("metrics") or {}
+        pair = pair or metrics.get("seen_pair")
+        for m in (metrics.get("mixtures") or {}).values():
+            if "pair_alpha" in m:
+                rows.append(
+                    {
+                        "config": labels[rec["path"]],
+                        "seed": rec["seed"],
+                        "alpha": m["pair_alpha"],
+                        "reward": m["reward"],
+                    }
+                )
+    if not rows:
+        return []
+    data = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    sns.lineplot(data=data, x="alpha", y="reward", hue="config", marker="o", errorbar=("ci", 95), ax=ax)
+    a, b = pair or ("first seen objective", "second")
+    ax.set(
+        xlabel=f"alpha  (reward = alpha·{a} + (1 - alpha)·{b})",
+        ylabel="mean test reward",
+        title="preference shift: reward against the mixture weight",
+    )
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, folder, "preference_shift")
+
+
+def versus(frame: pd.DataFrame, folder: Path, axis: str) -> list[Path]:
+    """Worst-case reward against ``axis`` (radius_value, size or scale) if the records span it."""
+    done = frame[frame.status == "completed"].copy()
+    if axis == "radius_value":
+        done = done[done.radius_value.notna()]
+    spans = done.groupby("method")[axis].nunique()
+    done = done[done.method.isin(spans[spans >= 2].index)]  # only methods seen at two or more values
+    if done.empty:
+        return []
+    others = [c for c in ("size", "scale") if c != axis and done[c].nunique() > 1]
+    if axis != "radius_value" and done.radius_value.dropna().nunique() > 1:
+        others.append("radius")
+    done["context"] = done[others].astype(str).agg(", ".join, axis=1) if others else "all"
+    if axis in ("radius_value", "scale"):
+        done[axis] = pd.to_numeric(done[axis])
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    sns.lineplot(
+        data=done,
+        x=axis,
+        y="worst_case",
+        hue="method",
+        style="context" if others else None,
+        marker="o",
+        errorbar=("ci", 95),
+        ax=ax,
+    )
+    if axis in ("radius_value", "scale"):
+        ax.set_xscale("log")
+    name = {
+        "radius_value": "radius (each method's own knob)",
+        "size": "model size",
+        "scale": "data scale (n)",
+    }[axis]
+    ax.set(xlabel=name, ylabel="worst-case test reward", title=f"worst-case reward against {name}")
+    _legend_outside(ax)
+    return _save(fig, folder, f"worst_vs_{axis.removesuffix('_value')}")
+
+
+def learning_curves(records: list[dict], frame: pd.DataFrame, folder: Path) -> list[Path]:
+    labels = dict(zip(frame.path, _labels(frame), strict=True))
+    rows = [
+        {
+            "config": labels[rec["path"]],
+            "seed": rec["seed"],
+            "iteration": c["iteration"],
+            "worst_case": c["worst_case"],
+        }
+        for rec in records
+        if rec.get("status") == "completed"
+        for c in rec.get("curves", [])
+    ]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    sns.lineplot(
+        data=pd.DataFrame(rows), x="iteration", y="worst_case", hue="config", errorbar=("ci", 95), ax=ax
+    )
+    ax.set(xlabel="iteration", ylabel="worst-case test reward", title="learning curves")
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, folder, "learning_curves")
+
+
+def task_figures(records: list[dict], frame: pd.DataFrame, folder: Path) -> list[Path]:
+    done = [r for r in records if r.get("status") == "completed"]
+    frame = frame[frame.status == "completed"]
+    paths = preference_shift(done, frame, folder)
+    for axis in ("radius_value", "size", "scale"):
+        paths += versus(frame, folder, axis)
+    return paths + learning_curves(done, frame, folder)
+
+
+def coverage_figure(root: Path, out: Path) -> list[Path]:
+    """One log-log figure per radius-coverage study found under ``root/radius-coverage``."""
+    paths = []
+    for study in sorted((Path(root) / "radius-coverage").glob("*/trials.csv")):
+        trials = pd.read_csv(study)
+        slopes = pd.read_csv(study.with_name("slopes.csv"))
+        means = trials.groupby(["divergence", "a", "n"], dropna=False).param_error.mean().reset_index()
+        slope_of = {(r.divergence, r.a): r.slope for r in slopes.itertuples()}
+        names = sorted(means.divergence.unique(), key=lambda d: (d != "erm", d))
+        fig, axes = plt.subplots(
+            1, len(names) - 1 or 1, figsize=(5.2 * max(1, len(names) - 1), 4.0), squeeze=False
+        )
+        erm = means[means.divergence == "erm"]
+        for ax, name in zip(axes[0], [n for n in names if n != "erm"] or ["erm"], strict=False):
+            for a, grp in means[means.divergence == name].groupby("a"):
+                ax.plot(
+                    grp.n,
+                    grp.param_error,
+                    marker="o",
+                    label=f"eps ∝ n^-{a:g}: slope {slope_of[(name, a)]:+.2f}",
+                )
+            if not erm.empty:
+                slope = next(v for (d, _), v in slope_of.items() if d == "erm")
+                ax.plot(erm.n, erm.param_error, "k--", label=f"ERM: slope {slope:+.2f}")
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="n",
+                ylabel="mean ||theta_n - theta*||",
+                title=f"radius coverage: {name} ball",
+            )
+            ax.legend(fontsize=7)
+        folder = Path(out) / "radius-coverage"
+        folder.mkdir(parents=True, exist_ok=True)
+        paths += _save(fig, folder, f"radius_coverage_{study.parent.name}")
+    return paths
