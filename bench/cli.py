@@ -11,6 +11,7 @@ import methods
 import tasks
 from bench.config import ConfigError
 from bench.registry import UnknownNameError
+from tasks.hub import HubUnavailable
 
 EPILOG = "Overrides are key=value pairs on the typed config, e.g. method.rho=0.1 task.n=2000 train.lr=1e-3."
 
@@ -261,6 +262,49 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from bench.config import build_config
+
+    spec = tasks.get(args.task)
+    if not spec.preparer:
+        prepared = ", ".join(n for n in tasks.names() if tasks.get(n).preparer)
+        raise ConfigError(f"task {args.task} has no preparation stage; tasks with one: {prepared}")
+    cfg = build_config(args.task, "rebel", args.overrides)
+    print(f"prepared {args.task}: {spec.prepare(cfg.task)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.capability import lmeval_scores
+    from bench.leaderboard import load_records
+    from bench.records import write_json_atomic
+
+    names = split_list(args.tasks)
+    records = [
+        r
+        for r in load_records(Path(args.results), args.task)
+        if r.get("status") == "completed" and (not args.method or r.get("method") == args.method)
+    ]
+    done = 0
+    for rec in records:
+        folder = Path(rec["path"]).parent / "policy"
+        if not folder.exists():
+            print(f"skip {rec['path']}: no saved policy (train with train.save_model=true)")
+            continue
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        scores = lmeval_scores(model, tok, names, limit=args.limit)
+        path = Path(rec.pop("path"))
+        rec["capabilities"] = {**rec.get("capabilities", {}), **scores}
+        write_json_atomic(path, rec)
+        print(f"{path}: " + ", ".join(f"{k}={v:.4f}" for k, v in scores.items()))
+        done += 1
+    print(f"{done} records scored with lm-eval ({', '.join(names)})")
+    return 0 if done else 1
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.leaderboard import failures, format_leaderboard, leaderboard, load_records, records_frame
 
@@ -349,6 +393,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser(
+        "eval", help="lm-evaluation-harness capability scores of saved policies, into their records"
+    )
+    p.add_argument(
+        "--tasks", required=True, help="lm-eval task names, e.g. bench_polarity,bench_emotion_word"
+    )
+    p.add_argument("--task", default=None, help="only records of this bench task")
+    p.add_argument("--method", default=None)
+    p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
+    p.add_argument("--results", default="results")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("prepare", help="a task's one-time stages (SFT policy, reward classifier), cached")
+    p.add_argument("task")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser(
         "report", help="leaderboards (Markdown, LaTeX, CSV, HTML) and figures from the records"
     )
     p.add_argument("--task", default=None)
@@ -377,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (UnknownNameError, ConfigError, FileNotFoundError) as err:
+    except (UnknownNameError, ConfigError, FileNotFoundError, HubUnavailable) as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
 

@@ -90,6 +90,8 @@ class TrainConfig:
     data: DataMode = DataMode.online
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 1  # CPU threads of one cell (cells run in parallel); equal counts give identical numbers
+    save_model: bool = False  # keep the final policy in the run folder (for `bench eval`)
+    lmeval_tasks: list[str] = field(default_factory=list)  # capability tasks scored in memory at the end
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA with bf16, else fp32
 
 

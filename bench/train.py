@@ -293,7 +293,16 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
 
     final, after = evaluate(policy, scaler=scaler, iteration=tc.iterations)
     ckpt.unlink(missing_ok=True)
+    extra = {}
+    if tc.save_model:
+        policy.save_pretrained(Path(run_dir) / "policy")
+        tok.save_pretrained(Path(run_dir) / "policy")
+    if tc.lmeval_tasks:
+        from bench.capability import lmeval_scores
+
+        extra["capabilities"] = lmeval_scores(policy.eval(), tok, list(tc.lmeval_tasks))
     return {
+        **extra,
         "metrics": final,
         "reference": progress["reference"],
         "curves": progress["curves"],

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from omegaconf import DictConfig, OmegaConf
 
 from bench.registry import Registry
+from tasks.armorm import ArmoRMConfig
+from tasks.emotion import EmotionConfig
+from tasks.hh import HHConfig
 from tasks.lexicon import LexiconConfig
 from tasks.linear import LinearConfig
 
@@ -31,12 +34,19 @@ class TaskSpec:
     losses: frozenset[str] = frozenset({"rebel", "dpo", "ipo"})
     size_key: str = ""  # the config key that sweeps' "sizes" axis sets (model size)
     scale_key: str = "task.n"  # the config key of the "scales" axis (data scale)
+    preparer: str = ""  # "module:function" run by `bench prepare TASK` (SFT, reward model), if any
 
     def build(self, task_cfg: DictConfig | object) -> object:
         module, attr = self.builder.split(":")
         factory: Callable = getattr(importlib.import_module(module), attr)
         cfg = OmegaConf.to_object(task_cfg) if isinstance(task_cfg, DictConfig) else task_cfg
         return factory(cfg)
+
+    def prepare(self, task_cfg: DictConfig) -> str:
+        if not self.preparer:
+            raise ValueError(f"task {self.name} has nothing to prepare")
+        module, attr = self.preparer.split(":")
+        return getattr(importlib.import_module(module), attr)(OmegaConf.to_object(task_cfg))
 
     def validate(self, task_cfg: DictConfig) -> None:
         cfg = OmegaConf.to_object(task_cfg)
@@ -97,5 +107,60 @@ register_task(
             "train.lr=1e-3",
             "train.eval_every=20",
         ),
+    )
+)
+
+PAPER_DEFAULTS = (
+    "train.iterations=100",
+    "train.batch_size=64",
+    "train.lr=1e-5",
+    "train.eval_every=50",
+    "train.checkpoint_every=10",
+    "train.grad_clip=1.0",
+    "train.warmup=10",
+)
+register_task(
+    TaskSpec(
+        name="emotion",
+        config_cls=EmotionConfig,
+        builder="tasks.emotion:build",
+        trainer="lm",
+        needs="dair-ai/emotion, gpt2[-medium|-large] (Hub or HF cache); `bench prepare emotion` once; a GPU",
+        description="emotion texts' first words; SFT GPT-2 policy; GPT-2 emotion classifier (6 heads)",
+        defaults=(*PAPER_DEFAULTS, "method.eta=0.01", "method.beta=0.1"),
+        size_key="task.size",
+        preparer="tasks.emotion:prepare",
+    )
+)
+register_task(
+    TaskSpec(
+        name="armorm",
+        config_cls=ArmoRMConfig,
+        builder="tasks.armorm:build",
+        trainer="lm",
+        needs="nvidia/HelpSteer2, Llama-3.2-1B/3B-Instruct (gated), ArmoRM-Llama3-8B (remote code); GPUs",
+        description="HelpSteer2 prompts; Llama-3.2 Instruct; ArmoRM 19 objectives + MoE score",
+        defaults=(
+            *PAPER_DEFAULTS,
+            "train.batch_size=32",
+            "train.iterations=200",
+            "method.eta=0.01",
+            "method.beta=1.0",
+            "method.labels=argmax",
+        ),
+        size_key="task.size",
+    )
+)
+register_task(
+    TaskSpec(
+        name="hh",
+        config_cls=HHConfig,
+        builder="tasks.hh:build",
+        trainer="lm",
+        needs="Anthropic/hh-rlhf, Pythia/GPT-2, helpful + harmless RMs (Hub); `bench prepare hh`; a GPU",
+        description="HH-RLHF first human turns; SFT Pythia/GPT-2; helpful and harmless reward models",
+        defaults=(*PAPER_DEFAULTS, "method.eta=0.01", "method.beta=0.1"),
+        size_key="task.size",
+        preparer="tasks.hh:prepare",
     )
 )

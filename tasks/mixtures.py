@@ -90,11 +90,17 @@ class Protocol:
 
 
 def pair_protocol(
-    names: list[str], seen: tuple[int, ...], alpha0: float, kind: str = "convex", random_pairs: bool = False
+    names: list[str],
+    seen: tuple[int, ...],
+    alpha0: float,
+    kind: str = "convex",
+    random_pairs: bool = False,
+    evaluate: tuple[int, ...] | None = None,
 ) -> Protocol:
     """Train on ``alpha0·seen[0] + (1-alpha0)·seen[1]`` (or random seen pairs); test across the
     alpha grid of the first seen pair, every unseen objective alone and half-and-half with each
     seen one; validate on the in-between alphas and on 1:3 blends of unseen with seen objectives.
+    ``evaluate`` restricts the unseen objectives to a subset (ArmoRM's five evaluation heads).
     """
     if len(seen) < 2 or len(set(seen)) != len(seen) or not all(0 <= s < len(names) for s in seen):
         raise ValueError(
@@ -103,7 +109,7 @@ def pair_protocol(
     if not 0 <= alpha0 <= 1:
         raise ValueError(f"alpha0 must lie in [0, 1], got {alpha0}")
     a, b = seen[:2]
-    unseen = [k for k in range(len(names)) if k not in seen]
+    unseen = [k for k in (range(len(names)) if evaluate is None else evaluate) if k not in seen]
     test = [_mix(names, {a: al, b: 1 - al}, kind) for al in ALPHA_TEST]
     val = [_mix(names, {a: al, b: 1 - al}, kind) for al in ALPHA_VAL]
     for u in unseen:

@@ -1,0 +1,41 @@
+"""Cached artifacts of preparation stages (SFT policies, reward classifiers), keyed by their inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from tasks.lexicon.presets import _locked, cache_dir
+
+
+def artifact_dir(kind: str, spec: dict) -> Path:
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"{kind}-{key}"
+
+
+def build_once(path: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp)`` unless ``path`` is complete; publish atomically (a lock guards workers)."""
+    if (path / "DONE").exists():
+        return path
+    with _locked(path):
+        if not (path / "DONE").exists():
+            tmp = path.with_name(path.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            build(tmp)
+            (tmp / "DONE").write_text("ok\n")
+            shutil.rmtree(path, ignore_errors=True)
+            tmp.replace(path)
+    return path
+
+
+def require(path: Path, task: str) -> Path:
+    if not (path / "DONE").exists():
+        raise RuntimeError(
+            f"task {task} needs its prepared artifacts at {path}: run `bench prepare {task}` with the same "
+            "task.* overrides first (SFT of the policy and, where the task has one, the reward classifier)"
+        )
+    return path

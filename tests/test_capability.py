@@ -1,0 +1,55 @@
+"""Capability retention with lm-eval: local tasks, in-memory scoring, `bench eval` on saved policies."""
+
+import json
+
+import pytest
+import torch
+from conftest import LEXICON_FAST
+
+from bench.capability import lmeval_scores, local_task_dir
+from bench.cli import main
+from bench.lm import sequence_batch, sequence_logps
+from bench.records import read_json
+from bench.runner import Cell, record_path, run_cell
+from tasks.lexicon.presets import load_policy
+
+pytestmark = pytest.mark.slow
+
+
+def test_local_tasks_are_deterministic_and_well_formed():
+    folder = local_task_dir()
+    items = [json.loads(x) for x in (folder / "bench_polarity.jsonl").read_text().splitlines()]
+    assert len(items) == 120 and all(0 <= i["label"] < len(i["choices"]) for i in items)
+    assert "dataset_path: json" in (folder / "bench_emotion_word.yaml").read_text()
+
+
+def test_lmeval_accuracy_matches_an_independent_multiple_choice_scorer():
+    model, tok = load_policy("tiny", steps=60)
+    model.eval()
+    scores = lmeval_scores(model, tok, ["bench_polarity"], limit=30)
+    items = [json.loads(x) for x in (local_task_dir() / "bench_polarity.jsonl").read_text().splitlines()][:30]
+    correct = 0
+    for item in items:
+        context = tok(f"{item['question']}\nAnswer:", add_special_tokens=False)["input_ids"]
+        conts = [tok(f" {c}", add_special_tokens=False)["input_ids"] for c in item["choices"]]
+        with torch.no_grad():
+            ll = sequence_logps(model, sequence_batch([context] * len(conts), conts, tok.pad_token_id))
+        correct += int(int(ll.argmax()) == item["label"])
+    assert scores["bench_polarity/acc"] == pytest.approx(correct / 30)
+
+
+def test_capabilities_in_memory_and_from_a_saved_policy(tmp_path, capsys):
+    cell = Cell(
+        "lexicon", "dpo", 0, (*LEXICON_FAST, "train.save_model=true", "train.lmeval_tasks=[bench_polarity]")
+    )
+    run_cell(cell, tmp_path)
+    rec = read_json(record_path(cell, tmp_path))
+    assert rec["status"] == "completed", rec.get("error")
+    assert 0 <= rec["capabilities"]["bench_polarity/acc"] <= 1
+    assert (cell.run_dir(tmp_path) / "policy" / "config.json").exists()
+    args = ["eval", "--tasks", "bench_emotion_word", "--results", str(tmp_path), "--limit", "20"]
+    assert main(args) == 0
+    rec = read_json(record_path(cell, tmp_path))
+    assert {"bench_polarity/acc", "bench_emotion_word/acc"} <= set(rec["capabilities"])
+    assert main(["report", "--results", str(tmp_path), "--no-figures"]) == 0
+    assert "bench_emotion_word/acc" in capsys.readouterr().out

@@ -1,0 +1,162 @@
+"""The paper tasks' code paths end to end on tiny local stand-ins (no Hub): emotion, armorm, hh."""
+
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2ForSequenceClassification
+
+from bench.cli import main
+from bench.records import read_json
+from bench.runner import Cell, record_path, run_cell
+from bench.sweep import load_sweep
+from tasks.hub import HubUnavailable, ScoreCache
+from tasks.lexicon.corpus import sentences
+from tasks.lexicon.presets import load_policy
+
+pytestmark = pytest.mark.slow
+CHAT = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+TRAIN = (
+    "train.iterations=2",
+    "train.batch_size=4",
+    "train.eval_every=2",
+    "task.n=8",
+    "task.n_val=4",
+    "task.n_test=6",
+    "task.max_new_tokens=6",
+)
+
+
+def jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="module")
+def standins(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standins")
+    model, tok = load_policy("tiny", steps=60)
+    tok.chat_template = CHAT
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    for i, (name, labels) in enumerate((("armorm-rm", 20), ("helpful-rm", 1), ("harmless-rm", 1))):
+        cfg = GPT2Config.from_pretrained(root / "base", num_labels=labels, pad_token_id=tok.pad_token_id)
+        torch.manual_seed(i)
+        GPT2ForSequenceClassification(cfg).save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    texts = sentences(90, seed=3)
+    for split, rows in (("train", texts[:50]), ("validation", texts[50:70]), ("test", texts[70:])):
+        jsonl(root / "emotion" / f"{split}.jsonl", [{"text": t, "label": i % 6} for i, t in enumerate(rows)])
+        jsonl(
+            root / "hh" / f"{split}.jsonl",
+            [
+                {
+                    "chosen": f"\n\nHuman: {t}\n\nAssistant: sure.",
+                    "rejected": f"\n\nHuman: {t}\n\nAssistant: no.",
+                }
+                for t in rows
+            ],
+        )
+    jsonl(
+        root / "helpsteer" / "train.jsonl",
+        [{"prompt": t, "response": "ok"} for t in texts[:50] for _ in (0, 1)],
+    )
+    jsonl(root / "helpsteer" / "validation.jsonl", [{"prompt": t, "response": "ok"} for t in texts[50:]])
+    return root
+
+
+def finished(cell, root):
+    rec = read_json(record_path(cell, root))
+    assert rec["status"] == "completed", rec.get("error")
+    return rec
+
+
+def test_emotion_prepare_then_run(standins, tmp_path):
+    task = (
+        f"task.dataset={standins / 'emotion'}",
+        f"task.size={standins / 'base'}",
+        f"task.reward_base={standins / 'base'}",
+        "task.sft_epochs=1",
+        "task.rm_epochs=1",
+        "task.prep_batch=16",
+    )
+    with pytest.raises(RuntimeError, match="bench prepare emotion"):  # artifacts first
+        import tasks
+        from bench.config import build_config
+
+        tasks.get("emotion").build(build_config("emotion", "rebel", task).task)
+    assert main(["prepare", "emotion", *task]) == 0
+    cell = Cell("emotion", "chi2-rebel", 0, (*task, *TRAIN))
+    run_cell(cell, tmp_path)
+    rec = finished(cell, tmp_path)
+    assert rec["metrics"]["objectives"] == ["sadness", "joy", "love", "anger", "fear", "surprise"]
+    assert rec["metrics"]["seen_pair"] == ["joy", "sadness"]
+    alphas = sorted(m["pair_alpha"] for m in rec["metrics"]["mixtures"].values() if "pair_alpha" in m)
+    assert alphas == [0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0]
+    geo = Cell("emotion", "dpo", 0, (*task, *TRAIN, "task.mixing=geometric"))
+    run_cell(geo, tmp_path)
+    finished(geo, tmp_path)
+
+
+def test_armorm_with_a_stand_in_reward_model_and_the_score_cache(standins, tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    task = (
+        f"task.dataset={standins / 'helpsteer'}",
+        f"task.size={standins / 'base'}",
+        f"task.reward_model={standins / 'armorm-rm'}",
+        "task.reward_dtype=float32",
+    )
+    cell = Cell("armorm", "kl-rebel", 0, (*task, *TRAIN))
+    run_cell(cell, tmp_path)
+    rec = finished(cell, tmp_path)
+    names = [m for m in rec["metrics"]["mixtures"]]
+    assert any("helpsteer-coherence" in n for n in names) and any("ArmoRM" in n for n in names)
+    cache = next((tmp_path / "cache" / "armorm-scores").glob("*.jsonl"))
+    lines = cache.read_text().count("\n")
+    assert lines > 0
+    import tasks
+    from bench.config import build_config
+
+    built = tasks.get("armorm").build(build_config("armorm", "rebel", (*task, *TRAIN)).task)
+    assert isinstance(built.panel, ScoreCache)
+    prompt = built.prompts("test")[0].text
+    assert prompt.startswith("user: ") and prompt.endswith("assistant:"), "the chat template is applied"
+    first = built.score([prompt, prompt], ["hello there", "hello there"])
+    assert first.shape == (2, 20) and torch.equal(first[0], first[1])
+    again = built.score([prompt], ["hello there"])
+    assert torch.equal(again[0], first[0]) and cache.read_text().count("\n") == lines + 1
+
+
+def test_hh_prepare_then_run(standins, tmp_path):
+    task = (
+        f"task.dataset={standins / 'hh'}",
+        f"task.size={standins / 'base'}",
+        f"task.helpful_rm={standins / 'helpful-rm'}",
+        f"task.harmless_rm={standins / 'harmless-rm'}",
+        "task.sft_epochs=1",
+        "task.prep_batch=16",
+    )
+    assert main(["prepare", "hh", *task]) == 0
+    cell = Cell("hh", "wdpo", 0, (*task, *TRAIN))
+    run_cell(cell, tmp_path)
+    rec = finished(cell, tmp_path)
+    assert rec["metrics"]["objectives"] == ["helpful", "harmless"]
+    assert rec["samples"]["before"][0]["prompt"].startswith("Human: ")
+
+
+def test_offline_hub_tasks_fail_fast_with_instructions(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tasks.hub import load_splits
+
+    with pytest.raises(HubUnavailable, match="huggingface-cli download --repo-type dataset dair-ai/emotion"):
+        load_splits("dair-ai/emotion", {"train": "train"})
+    assert main(["run", "--task", "armorm", "--methods", "rebel", "--cluster", "debug"]) == 2  # no trust
+
+
+def test_paper_sweeps_validate():
+    for name, task in (("paper-emotion", "emotion"), ("paper-armorm", "armorm"), ("paper-hh", "hh")):
+        sweep = load_sweep(name)
+        assert sweep.config.task == task and sweep.config.slurm.gpus_per_task >= 1 and len(sweep.cells) >= 30
