@@ -305,6 +305,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0 if done else 1
 
 
+def cmd_perf(args: argparse.Namespace) -> int:
+    from bench.perf import PerfConfig, run
+
+    cfg = PerfConfig()
+    if args.quick:
+        cfg = PerfConfig(models=(("tiny", 8, 2),), dual_ns=(1_000, 10_000, 20_000), official_ns=(300, 1_000))
+    out = Path(args.results) / "perf"
+    result = run(cfg, out)
+    print((out / "perf.md").read_text())
+    print(f"wrote {out / 'perf.json'} and {out / 'perf.md'}")
+    return 0 if result["steps"] else 1
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.leaderboard import failures, format_leaderboard, leaderboard, load_records, records_frame
 
@@ -403,6 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
     p.add_argument("--results", default="results")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("perf", help="step-time ratios, dual solvers, throughput: what robustness costs")
+    p.add_argument("--quick", action="store_true", help="a seconds-long smoke version (tiny model, small n)")
+    p.add_argument("--results", default="results")
+    p.set_defaults(fn=cmd_perf)
 
     p = sub.add_parser("prepare", help="a task's one-time stages (SFT policy, reward classifier), cached")
     p.add_argument("task")

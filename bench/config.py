@@ -169,4 +169,6 @@ def loss_kwargs(cfg: DictConfig) -> dict:
     loss = methods.get(cfg.method.name).loss
     if loss == "rebel":
         return {"eta": cfg.method.eta, "form": str(cfg.method.rebel_form.value)}
+    if loss == "bt":
+        return {}
     return {"beta": cfg.method.beta}

@@ -24,10 +24,26 @@ def _mixture_matrix(heads: Tensor, mixtures: tuple[Mixture, ...]) -> Tensor:
     return torch.stack([m.apply(heads) for m in mixtures], dim=1)  # [N, M]
 
 
-def _bootstrap(values: Tensor, reps: int, gen: torch.Generator) -> Tensor:
-    """Bootstrap replicates of the column means of ``values[N, M]``: ``[reps, M]``."""
-    idx = torch.randint(values.shape[0], (reps, values.shape[0]), generator=gen)
-    return values[idx].mean(1)
+def _resample_weights(n: int, reps: int, gen: torch.Generator) -> Tensor:
+    """Bootstrap resamples of n prompts as weights ``[reps, n]`` (counts / n): a replicate's mean
+    of any per-prompt quantity is one matrix product, with no ``[reps, n, M]`` tensor."""
+    idx = torch.randint(n, (reps, n), generator=gen)
+    return (
+        torch.zeros(reps, n, dtype=torch.float64).scatter_add_(
+            1, idx, torch.ones(reps, n, dtype=torch.float64)
+        )
+        / n
+    )
+
+
+def _mixture_replicates(heads: Tensor, mixtures: tuple[Mixture, ...], weights: Tensor) -> Tensor:
+    """Bootstrap replicates of every mixture's mean ``[reps, M]``. Convex mixtures are linear in the
+    heads, so the K head means are resampled once and mapped through the weights: the cost does
+    not grow with prompts x mixtures."""
+    if all(m.kind == "convex" for m in mixtures):
+        w = torch.tensor([m.weights for m in mixtures], dtype=torch.float64)
+        return (weights @ heads) @ w.T
+    return weights @ _mixture_matrix(heads, mixtures)
 
 
 def mixture_scores(
@@ -35,18 +51,26 @@ def mixture_scores(
 ) -> dict:
     """All mixture metrics of one evaluation (floats, JSON-ready)."""
     gen = torch.Generator().manual_seed(seed)
-    test = _mixture_matrix(test_heads.double(), protocol.test)
-    means = test.mean(0)
+    test_heads = test_heads.double()
+    means = _mixture_replicates(
+        test_heads, protocol.test, torch.full((1, len(test_heads)), 1 / len(test_heads), dtype=torch.float64)
+    )[0]
     out: dict = {"mixtures": {}}
-    reps = _bootstrap(test, bootstrap, gen) if bootstrap else None
+    reps = None
+    if bootstrap:
+        reps = _mixture_replicates(
+            test_heads, protocol.test, _resample_weights(len(test_heads), bootstrap, gen)
+        )
+    bounds = None
+    if reps is not None:
+        bounds = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=reps.dtype), dim=0).T.tolist()
     for j, m in enumerate(protocol.test):
         row = {"reward": float(means[j]), "weights": list(m.weights)}
         alpha = protocol.pair_alpha(m)
         if alpha is not None:
             row["pair_alpha"] = alpha
-        if reps is not None:
-            lo, hi = torch.quantile(reps[:, j], torch.tensor([0.025, 0.975], dtype=reps.dtype))
-            row.update(ci_low=float(lo), ci_high=float(hi))
+        if bounds is not None:
+            row.update(ci_low=bounds[j][0], ci_high=bounds[j][1])
         out["mixtures"][m.name] = row
     worst = int(means.argmin())
     out["worst_case"] = float(means[worst])
@@ -57,7 +81,7 @@ def mixture_scores(
     out["mean_over_test"] = float(means.mean())
     out["objectives"] = list(protocol.names)
     out["seen_pair"] = [protocol.names[k] for k in protocol.seen[:2]] if protocol.names else []
-    out["train_reward"] = float(protocol.train.apply(test_heads.double()).mean())
+    out["train_reward"] = float(protocol.train.apply(test_heads).mean())
     val = _mixture_matrix(val_heads.double(), protocol.val).mean(0)
     out["val_worst_case"] = float(val.min())
     out["val_mean"] = float(val.mean())
@@ -90,14 +114,14 @@ class HeadScaler:
     def from_reference(cls, reference, tok, task, seed: int, n_prompts: int = 64) -> HeadScaler:
         """Statistics of two reference samples on each of the first ``n_prompts`` training prompts."""
         prompts = [p.text for p in task.prompts("train")[:n_prompts]]
-        with _seeded(seed + 17, reference):
+        with seeded_rng(seed + 17, reference):
             samples = sample(reference, tok, prompts, 2, task.sampling)
         heads = task.score([p for p in prompts for _ in (0, 1)], samples.texts)
         return cls(heads.mean(0).tolist(), heads.std(0).clamp_min(STD_FLOOR).tolist())
 
 
 @contextmanager
-def _seeded(seed: int, model) -> Iterator[None]:
+def seeded_rng(seed: int, model) -> Iterator[None]:
     """Seed torch inside the block and restore the caller's RNG streams after it."""
     device = next(model.parameters()).device
     devices = [device] if device.type == "cuda" else []
@@ -119,7 +143,7 @@ def evaluate_lm(
     """
     test_prompts = [p.text for p in task.prompts("test")]
     val_prompts = [p.text for p in task.prompts("val")]
-    with _seeded(seed * 1_000_003 + iteration, policy):
+    with seeded_rng(seed * 1_000_003 + iteration, policy):
         test = sample(policy, tok, test_prompts, 1, task.sampling)
         val = sample(policy, tok, val_prompts, 1, task.sampling)
     heads_test = scaler(task.score(test_prompts, test.texts))

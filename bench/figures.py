@@ -76,7 +76,7 @@ def preference_shift(records: list[dict], frame: pd.DataFrame, folder: Path) -> 
         ylabel="mean test reward",
         title="preference shift: reward against the mixture weight",
     )
-    ax.legend(fontsize=7, ncol=2)
+    _legend_outside(ax)
     return _save(fig, folder, "preference_shift")
 
 
@@ -95,7 +95,7 @@ def versus(frame: pd.DataFrame, folder: Path, axis: str) -> list[Path]:
     done["context"] = done[others].astype(str).agg(", ".join, axis=1) if others else "all"
     if axis in ("radius_value", "scale"):
         done[axis] = pd.to_numeric(done[axis])
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    fig, ax = plt.subplots(figsize=(7.4, 4.2))
     sns.lineplot(
         data=done,
         x=axis,
@@ -138,7 +138,7 @@ def learning_curves(records: list[dict], frame: pd.DataFrame, folder: Path) -> l
         data=pd.DataFrame(rows), x="iteration", y="worst_case", hue="config", errorbar=("ci", 95), ax=ax
     )
     ax.set(xlabel="iteration", ylabel="worst-case test reward", title="learning curves")
-    ax.legend(fontsize=7, ncol=2)
+    _legend_outside(ax)
     return _save(fig, folder, "learning_curves")
 
 

@@ -20,7 +20,7 @@ import tasks
 from bench.config import build_config, config_hash, method_radius, to_dict
 from bench.records import environment, git_commit, read_json, write_json_atomic
 
-TRAINERS = {"linear": "bench.train_linear:train", "lm": "bench.train:train"}
+TRAINERS = {"linear": "bench.train_linear:train", "lm": "bench.train:train", "rm": "bench.train_rm:train"}
 
 
 class StopRun(Exception):

@@ -9,6 +9,7 @@ A sweep file (``sweeps/NAME.yaml``)::
       chi2-rebel: [0.01, 0.1, 1.0]           # "*" applies to every robust method without its own
     sizes: [4, 8]                            # the task's model-size key (linear: task.d)
     scales: [256, 1024]                      # the task's data-scale key (task.n)
+    grid: {task.noise: [0.1, 0.5]}           # any other config key
     overrides: [train.iterations=100]
     slurm: {partition: gpu, gpus_per_task: 1, time_min: 240}
 
@@ -65,6 +66,7 @@ class SweepConfig:
     radii: dict[str, list[float]] = field(default_factory=dict)
     sizes: list[str] = field(default_factory=list)
     scales: list[int] = field(default_factory=list)
+    grid: dict[str, list[str]] = field(default_factory=dict)  # any further config key -> its values
     overrides: list[str] = field(default_factory=list)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
@@ -138,14 +140,18 @@ def expand(cfg: SweepConfig, name: str) -> Sweep:
             raise ConfigError(f"{where}: radii.{key} is empty")
         if key != "*" and methods.get(key).knob is None:
             raise ConfigError(f"{where}: radii.{key}: {key} has no radius knob")
+    for key, values in cfg.grid.items():
+        if not values:
+            raise ConfigError(f"{where}: grid.{key} is empty")
+    grid = [[f"{key}={v}" for v in values] for key, values in cfg.grid.items()]
     cells = []
     for method in names:
         knob = methods.get(method).knob
         radii = cfg.radii.get(method) or (cfg.radii.get("*") if knob else None) or [None]
-        for radius, size, scale, seed in itertools.product(
-            radii, cfg.sizes or [None], cfg.scales or [None], cfg.seeds
+        for radius, size, scale, point, seed in itertools.product(
+            radii, cfg.sizes or [None], cfg.scales or [None], itertools.product(*grid), cfg.seeds
         ):
-            extra = list(cfg.overrides)
+            extra = [*cfg.overrides, *point]
             if radius is not None:
                 extra.append(f"method.{knob.name}={radius}")
             if size is not None:

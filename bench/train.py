@@ -33,10 +33,11 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 import methods
-from bench.config import loss_kwargs, method_radius
-from bench.evaluate import HeadScaler, evaluate_lm
+from bench.config import loss_kwargs, method_radius, to_dict
+from bench.evaluate import HeadScaler, evaluate_lm, seeded_rng
 from bench.lm import SequenceBatch, sample, sequence_batch, sequence_logps
-from bench.resources import peak_memory_mb
+from bench.refcache import cached, model_fingerprint
+from bench.resources import peak_memory_mb, utilisation
 from bench.runner import OnEval
 from methods import Method, PairScores
 from methods.pointwise import preference_labels
@@ -101,7 +102,10 @@ class PairBatch:
             inputs = [embeds]
         else:
             logps, inputs = sequence_logps(policy, seqs, temperature), []
-        scores = PairScores(logps.view(2, -1).T, self.anchor[sel], self.rewards[sel], self.pref[sel])
+        pair = logps.view(2, -1).T
+        # No anchor: the previous iterate, which is the current weights during this step's gradient.
+        anchor = pair.detach() if self.anchor is None else self.anchor[sel]
+        scores = PairScores(pair, anchor, self.rewards[sel], self.pref[sel])
         return methods.pointwise_losses(method, scores, **hparams), inputs
 
 
@@ -128,6 +132,29 @@ def sample_pairs(policy, tok, task, prompts: list, scaler: HeadScaler, gen: torc
     first, second = samples.response_ids[0::2], samples.response_ids[1::2]
     seqs = sequence_batch(samples.prompt_ids * 2, first + second, tok.pad_token_id)
     return PairBatch(seqs, rewards.float(), pref.float(), groups), samples
+
+
+def offline_pairs(reference, tok, task, prompts: list, scaler, cfg: DictConfig, chunk: int) -> PairBatch:
+    """The offline pair set with its reference log-probs, shared through the reference cache by
+    every method and radius that trains on the same data (same task config, seed and labels).
+    It is drawn from its own seeded streams, so a cache hit leaves the run's randomness unchanged."""
+    spec = {
+        "task": to_dict(cfg)["task"],
+        "seed": cfg.seed,
+        "labels": cfg.method.labels.value,
+        "scaler": scaler.state(),
+        "kind": "offline-pairs",
+    }
+
+    def build() -> PairBatch:
+        with seeded_rng(cfg.seed * 7_368_787 + 1, reference):
+            batch, _ = sample_pairs(
+                reference, tok, task, prompts, scaler, torch.Generator().manual_seed(cfg.seed + 1), cfg
+            )
+        batch.anchor = chunked_logps(reference, batch.seqs, task.sampling.temperature, chunk).view(2, -1).T
+        return batch
+
+    return cached(spec, model_fingerprint(reference), build)
 
 
 def rng_state() -> dict:
@@ -209,9 +236,8 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         )
         ref_row, before = evaluate(policy, scaler=scaler, iteration=0)
         offline = None
-        if tc.data.value == "offline":  # a fixed pair set from the reference, labeled once
-            offline, _ = sample_pairs(reference, tok, task, train_prompts, scaler, gen, cfg)
-            offline.anchor = chunked_logps(reference, offline.seqs, temperature, chunk).view(2, -1).T
+        if tc.data.value == "offline":  # a fixed pair set from the reference, labeled once, cached
+            offline = offline_pairs(reference, tok, task, train_prompts, scaler, cfg, chunk)
         sampler = PromptSampler(len(train_prompts), cfg.seed)
         progress = {
             "iteration": 0,
@@ -293,6 +319,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
 
     final, after = evaluate(policy, scaler=scaler, iteration=tc.iterations)
     ckpt.unlink(missing_ok=True)
+    n_params = sum(p.numel() for p in policy.parameters())
     extra = {}
     if tc.save_model:
         policy.save_pretrained(Path(run_dir) / "policy")
@@ -315,8 +342,15 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
             "train_tokens_per_s": timing["train_tokens"] / max(timing["train_s"], 1e-9),
             "peak_memory_mb": peak_memory_mb(),
             "device": str(device),
+            **utilisation(
+                n_params,
+                timing["train_tokens"],
+                timing["gen_tokens"],
+                timing["gen_s"] + timing["train_s"],
+                device,
+            ),
         },
-        "model": {"class": type(policy).__name__, "parameters": sum(p.numel() for p in policy.parameters())},
+        "model": {"class": type(policy).__name__, "parameters": n_params},
     }
 
 

@@ -85,6 +85,7 @@ METHODS: Registry[Method] = Registry("method")
 LOSSES.add("rebel", pointwise.rebel_loss)
 LOSSES.add("dpo", pointwise.dpo_loss)
 LOSSES.add("ipo", pointwise.ipo_loss)
+LOSSES.add("bt", pointwise.bt_loss)
 
 
 def register_aggregator(
@@ -167,5 +168,10 @@ for _name, _loss, _agg, _desc, _ref in [
     ("gr-dpo", "dpo", "group", "group-robust DPO", "Ramesh et al., arXiv 2405.20304"),
     ("ipo", "ipo", "erm", "IPO", "Azar et al., arXiv 2310.12036"),
     ("gr-ipo", "ipo", "group", "group-robust IPO", "Ramesh et al., arXiv 2405.20304"),
+    ("bt", "bt", "erm", "Bradley-Terry reward model", "Ouyang et al., arXiv 2203.02155"),
+    ("kl-bt", "bt", "kl", "KL-robust reward model", "Mandal et al., arXiv 2503.00539"),
+    ("chi2-bt", "bt", "chi2", "chi-square-robust reward model", "Mandal et al., arXiv 2503.00539"),
+    ("tv-bt", "bt", "tv", "TV-robust reward model (DRO-RLHF)", "Mandal et al., arXiv 2503.00539"),
+    ("w-bt", "bt", "wasserstein", "Wasserstein-robust reward model", "Mandal et al., arXiv 2503.00539"),
 ]:
     register_method(_name, _loss, _agg, _desc, _ref)

@@ -18,6 +18,7 @@ from tasks.emotion import EmotionConfig
 from tasks.hh import HHConfig
 from tasks.lexicon import LexiconConfig
 from tasks.linear import LinearConfig
+from tasks.prefs import LexiconPrefsConfig, UnifiedFeedbackConfig
 
 
 @dataclass(frozen=True)
@@ -162,5 +163,34 @@ register_task(
         defaults=(*PAPER_DEFAULTS, "method.eta=0.01", "method.beta=0.1"),
         size_key="task.size",
         preparer="tasks.hh:prepare",
+    )
+)
+
+RM_LOSSES = frozenset({"bt"})
+register_task(
+    TaskSpec(
+        name="lexicon-prefs",
+        config_cls=LexiconPrefsConfig,
+        builder="tasks.prefs:build_lexicon_prefs",
+        trainer="rm",
+        needs="nothing: offline, CPU (pairs sampled once from the lexicon preset, cached)",
+        description="reward models on lexicon-labeled pairs; ID = training mixture, OOD = other objectives",
+        defaults=("train.iterations=60", "train.batch_size=32", "train.lr=5e-4", "train.eval_every=20"),
+        losses=RM_LOSSES,
+        scale_key="task.n",
+    )
+)
+register_task(
+    TaskSpec(
+        name="unified-feedback",
+        config_cls=UnifiedFeedbackConfig,
+        builder="tasks.prefs:build_unified_feedback",
+        trainer="rm",
+        needs="llm-blender/Unified-Feedback and Anthropic/hh-rlhf (Hub); a GPU for real base models",
+        description="reward models on Unified-Feedback; OOD accuracy on HH-RLHF pairs (and datasets you add)",
+        defaults=("train.iterations=2000", "train.batch_size=64", "train.lr=1e-5", "train.eval_every=500"),
+        losses=RM_LOSSES,
+        scale_key="task.n",
+        size_key="task.rm_base",
     )
 )

@@ -5,7 +5,7 @@ import torch
 import methods
 from methods import PairScores
 
-HPARAMS = {"rebel": {"eta": 0.5}, "dpo": {"beta": 0.7}, "ipo": {"beta": 0.7}}
+HPARAMS = {"rebel": {"eta": 0.5}, "dpo": {"beta": 0.7}, "ipo": {"beta": 0.7}, "bt": {}}
 RADII = {"chi2": 0.3, "kl": 0.4, "kl-ball": 0.1, "tv": 0.2, "softmin": 0.8, "wasserstein": 0.3, "group": 0.5}
 N, D = 64, 5
 

@@ -98,3 +98,57 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path):
     assert resumed["metrics"] == whole["metrics"]
     assert resumed["curves"] == whole["curves"]
     assert resumed["samples"] == whole["samples"]
+
+
+def test_offline_reference_data_is_computed_once_and_refused_when_stale(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
+    base = (*LEXICON_FAST, "train.data=offline")
+    first, second = Cell("lexicon", "dpo", 0, base), Cell("lexicon", "kldpo", 0, base)
+    run_cell(first, tmp_path / "r")
+    import bench.train as loop
+
+    calls = []
+    real = loop.sample_pairs
+    monkeypatch.setattr(loop, "sample_pairs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_cell(second, tmp_path / "r")
+    assert record(second, tmp_path / "r")["status"] == "completed" and calls == [], (
+        "the cached pairs were reused"
+    )
+    entries = list((tmp_path / "cache" / "refcache").glob("*.pt"))
+    assert len(entries) == 1
+    monkeypatch.setattr(loop, "sample_pairs", real)
+    # A cache hit and a cold cache give the same run.
+    run_cell(first, tmp_path / "again")
+    assert record(first, tmp_path / "again")["metrics"] == record(first, tmp_path / "r")["metrics"]
+    stored = torch.load(entries[0], weights_only=False)
+    stored["fingerprint"] = "0" * 64
+    torch.save(stored, entries[0])
+    run_cell(first, tmp_path / "stale")
+    rec = record(first, tmp_path / "stale")
+    assert rec["status"] == "failed" and "stale reference cache" in rec["error"]["message"]
+
+
+def test_prev_iterate_anchor_equals_an_explicit_forward_of_the_sampling_policy():
+    import methods
+    from bench.train import PairBatch, chunked_logps
+    from tasks.lexicon.presets import load_policy
+
+    policy, tok = load_policy("tiny", steps=60)
+    policy.eval()
+    from bench.lm import sequence_batch
+
+    seqs = sequence_batch([[5, 6, 7]] * 4, [[8, 9], [10, 11, 12], [13], [14, 15]], tok.pad_token_id)
+    rewards, pref = torch.randn(2, 2), torch.tensor([1.0, 0.0])
+    implicit = PairBatch(seqs, rewards, pref, torch.zeros(2, dtype=torch.long))
+    explicit = PairBatch(
+        seqs,
+        rewards,
+        pref,
+        torch.zeros(2, dtype=torch.long),
+        chunked_logps(policy, seqs, 1.0, 8).view(2, -1).T,
+    )
+    method = methods.get("rebel")
+    a, _ = implicit.losses(policy, method, {"eta": 0.5}, 1.0, torch.arange(2))
+    b, _ = explicit.losses(policy, method, {"eta": 0.5}, 1.0, torch.arange(2))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, (rewards[:, 0] - rewards[:, 1]) ** 2, rtol=0, atol=1e-6)  # h = 0 at theta_t

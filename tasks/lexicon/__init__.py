@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from bench.lm import Sampling
 from tasks.lexicon import presets, rewards
 from tasks.lexicon.prompts import Prompt, splits
-from tasks.mixtures import pair_protocol
+from tasks.mixtures import Mixture, Protocol, pair_protocol
 
 
 @dataclass
@@ -33,6 +34,7 @@ class LexiconConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     pretrain_steps: int = 0  # 0: the preset's own
+    reward_model: str = ""  # a trained reward model folder: train on its score, evaluate on the true heads
 
     def validate(self) -> None:
         if self.policy not in presets.NAMES:
@@ -63,6 +65,11 @@ class LexiconTask:
         self.protocol = pair_protocol(self.names, seen, cfg.alpha0, cfg.mixing, cfg.protocol == "random_pair")
         self.sampling = Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p)
         self.standardize = cfg.mixing == "convex"
+        self.learned = None
+        if cfg.reward_model:
+            self.learned = LearnedReward(cfg.reward_model)
+            self.names.append("learned_rm")
+            self.protocol = with_learned_head(self.protocol)
 
     def prompts(self, split: str) -> list[Prompt]:
         return self.splits[split]
@@ -71,6 +78,59 @@ class LexiconTask:
         return presets.load_policy(self.cfg.policy, self.cfg.pretrain_steps)
 
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
-        """Raw head scores ``[N, K]`` of the responses (the lexicon heads ignore the prompt)."""
-        del prompts
-        return rewards.score(responses)
+        """Raw head scores ``[N, K]`` of the responses (the lexicon heads ignore the prompt), plus the
+        learned reward model's score of prompt + response when one is configured."""
+        heads = rewards.score(responses)
+        if self.learned is None:
+            return heads
+        return torch.cat(
+            [heads, self.learned.score([p + r for p, r in zip(prompts, responses, strict=True)])], 1
+        )
+
+
+class LearnedReward:
+    """A trained reward model (``bench run --task lexicon-prefs ... train.save_model=true``)."""
+
+    def __init__(self, folder: str):
+        from pathlib import Path
+
+        if not (Path(folder) / "config.json").exists():
+            raise ValueError(
+                f"task.reward_model {folder} holds no model: train one first with `bench run --task "
+                "lexicon-prefs --methods bt train.save_model=true` and pass its run folder's policy/ folder"
+            )
+        from bench.train_rm import load_reward_model
+
+        self.model, self.tok = load_reward_model(folder)
+        self.model.eval()
+
+    @torch.no_grad()
+    def score(self, texts: list[str]) -> Tensor:
+        from bench.train_rm import rm_scores
+
+        return (
+            torch.cat(
+                [rm_scores(self.model, self.tok, texts[lo : lo + 64])[0] for lo in range(0, len(texts), 64)]
+            )
+            .double()
+            .cpu()
+            .view(-1, 1)
+        )
+
+
+def with_learned_head(protocol: Protocol) -> Protocol:
+    """Train on the learned reward alone; evaluate the same mixtures of the true heads as before."""
+
+    def pad(m: Mixture, w: float = 0.0) -> Mixture:
+        return Mixture(m.name, (*m.weights, w), m.kind)
+
+    train = Mixture("learned_rm", (0.0,) * len(protocol.train.weights) + (1.0,), protocol.train.kind)
+    return Protocol(
+        train,
+        tuple(map(pad, protocol.val)),
+        tuple(map(pad, protocol.test)),
+        protocol.seen,
+        protocol.alpha0,
+        False,
+        (*protocol.names, "learned_rm"),
+    )
