@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.lexicon.presets import cache_dir
+from tasks.artifacts import cache_dir
 
 FULL_HASH_LIMIT = 50_000_000  # parameters; larger models hash a strided sample of every tensor
 

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from bench.lm import Sampling
+from tasks.artifacts import cache_dir
 from tasks.hub import PromptTask, ScoreCache, from_pretrained, load_splits, reward_device, take
-from tasks.lexicon.presets import cache_dir
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
 

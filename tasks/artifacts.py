@@ -2,13 +2,31 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.lexicon.presets import _locked, cache_dir
+
+def cache_dir() -> Path:
+    """``$BENCH_CACHE_DIR``, default ``~/.cache/bench``: presets, prepared models, caches."""
+    return Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "bench")
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive file lock next to ``path`` (concurrent workers build an artifact once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def artifact_dir(kind: str, spec: dict) -> Path:
@@ -20,7 +38,7 @@ def build_once(path: Path, build: Callable[[Path], None]) -> Path:
     """Run ``build(tmp)`` unless ``path`` is complete; publish atomically (a lock guards workers)."""
     if (path / "DONE").exists():
         return path
-    with _locked(path):
+    with locked(path):
         if not (path / "DONE").exists():
             tmp = path.with_name(path.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -12,17 +12,15 @@ workers build a preset once.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from tasks.artifacts import build_once, cache_dir
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -49,21 +47,6 @@ PRESETS = {
 NAMES = (*PRESETS, "smollm2")
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("BENCH_CACHE_DIR") or Path.home() / ".cache" / "bench")
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_suffix(".lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def preset_path(name: str, steps: int = 0) -> Path:
     """Where a preset lives in the cache (``steps`` > 0 overrides a GPT-2 preset's steps)."""
     if name == "smollm2":
@@ -77,21 +60,14 @@ def preset_path(name: str, steps: int = 0) -> Path:
 
 def ensure_preset(name: str, steps: int = 0) -> Path:
     """Build (or convert) the preset unless the cache has it; return its folder."""
-    path = preset_path(name, steps)
-    if (path / "DONE").exists():
-        return path
-    with _locked(path):
-        if not (path / "DONE").exists():
-            tmp = path.with_name(path.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            if name == "smollm2":
-                _convert_smollm2(tmp)
-            else:
-                _build_gpt2(PRESETS[name], steps or PRESETS[name].steps, tmp)
-            (tmp / "DONE").write_text("ok\n")
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-    return path
+
+    def build(out: Path) -> None:
+        if name == "smollm2":
+            _convert_smollm2(out)
+        else:
+            _build_gpt2(PRESETS[name], steps or PRESETS[name].steps, out)
+
+    return build_once(preset_path(name, steps), build)
 
 
 def _build_gpt2(preset: GPT2Preset, steps: int, out: Path) -> None:
