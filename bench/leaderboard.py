@@ -156,13 +156,25 @@ def format_leaderboard(board: pd.DataFrame) -> str:
             "kl_ref",
         ]
     ]
-    shown = shown.rename(
-        columns={
-            "worst_case": "worst-case (mean ± std)",
-            "mean_over_test": "mean test",
-            "train_reward": "train mix",
-            "kl_ref": "KL(ref)",
-            "config_hash": "config",
+    names = {
+        "worst_case": "worst-case (mean ± std)",
+        "mean_over_test": "mean test",
+        "train_reward": "train mix",
+        "kl_ref": "KL(ref)",
+        "config_hash": "config",
+    }
+    if all(_is_reward_model_task(t) for t in board.task):  # accuracies, not rewards
+        names |= {
+            "worst_case": "worst OOD acc (mean ± std)",
+            "mean_over_test": "mean OOD acc",
+            "train_reward": "ID acc",
         }
-    )
-    return shown.to_markdown(index=False, floatfmt=".4f")
+        shown = shown.drop(columns=["kl_ref"])
+    return shown.rename(columns=names).to_markdown(index=False, floatfmt=".4f")
+
+
+def _is_reward_model_task(name: str) -> bool:
+    try:
+        return tasks.get(name).trainer == "rm"
+    except LookupError:
+        return False

@@ -175,7 +175,7 @@ register_task(
         trainer="rm",
         needs="nothing: offline, CPU (pairs sampled once from the lexicon preset, cached)",
         description="reward models on lexicon-labeled pairs; ID = training mixture, OOD = other objectives",
-        defaults=("train.iterations=60", "train.batch_size=32", "train.lr=5e-4", "train.eval_every=20"),
+        defaults=("train.iterations=100", "train.batch_size=32", "train.lr=5e-4", "train.eval_every=25"),
         losses=RM_LOSSES,
         scale_key="task.n",
     )

@@ -45,9 +45,10 @@ class PreferenceTask:
 class LexiconPrefsConfig:
     policy: str = "tiny"  # the preset whose samples are labeled (and the reward model's base)
     pretrain_steps: int = 0
-    n: int = 200  # training prompts (one pair each): the data scale
+    n: int = 200  # training prompts: the data scale
     n_val: int = 40
     n_test: int = 60
+    pairs_per_prompt: int = 4
     seen: list[str] = field(default_factory=lambda: ["joy", "trust"])
     alpha0: float = 0.5
     ood: list[str] = field(default_factory=lambda: ["sadness", "anger", "fear", "vader"])
@@ -62,10 +63,13 @@ class LexiconPrefsConfig:
 
 
 def _labeled(prompts: list[str], texts: list[str], heads: torch.Tensor, weights: torch.Tensor) -> PairSet:
+    """Pairs labeled by the mixture ``weights``; ties (often: no word of either objective) are dropped,
+    since their label would be noise."""
     r = mix_rewards(heads, weights)
-    first = [p + t for p, t in zip(prompts, texts[0::2], strict=True)]
-    second = [p + t for p, t in zip(prompts, texts[1::2], strict=True)]
-    return PairSet(first, second, (r[:, 0] >= r[:, 1]).double())
+    keep = (r[:, 0] != r[:, 1]).tolist()
+    first = [p + t for p, t, k in zip(prompts, texts[0::2], keep, strict=True) if k]
+    second = [p + t for p, t, k in zip(prompts, texts[1::2], keep, strict=True) if k]
+    return PairSet(first, second, (r[:, 0] > r[:, 1]).double()[torch.tensor(keep, dtype=torch.bool)])
 
 
 def build_lexicon_prefs(cfg: LexiconPrefsConfig) -> PreferenceTask:
@@ -76,10 +80,12 @@ def build_lexicon_prefs(cfg: LexiconPrefsConfig) -> PreferenceTask:
     sampling = Sampling(cfg.max_new_tokens)
 
     def responses(split: str, n: int) -> tuple[list[str], list[str], torch.Tensor]:
+        """``pairs_per_prompt`` pairs per prompt: 2k samples, consecutive ones paired."""
         prompts = [p.text for p in parts[split][:n]]
         torch.manual_seed({"train": 1, "val": 2, "test": 3}[split])
-        texts = sample(model, tok, prompts, 2, sampling).texts
-        return prompts, texts, rewards.score(texts).view(len(prompts), 2, -1)
+        texts = sample(model, tok, prompts, 2 * cfg.pairs_per_prompt, sampling).texts
+        repeated = [p for p in prompts for _ in range(cfg.pairs_per_prompt)]
+        return repeated, texts, rewards.score(texts).view(len(repeated), 2, -1)
 
     spec = {
         "kind": "lexicon-prefs",
@@ -89,6 +95,7 @@ def build_lexicon_prefs(cfg: LexiconPrefsConfig) -> PreferenceTask:
         "n_val": cfg.n_val,
         "n_test": cfg.n_test,
         "tokens": cfg.max_new_tokens,
+        "pairs": cfg.pairs_per_prompt,
     }
     data = cached(
         spec,
