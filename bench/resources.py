@@ -8,6 +8,16 @@ import sys
 import torch
 
 
+def loop_timings(seconds: float, iterations: int, pairs: int) -> dict:
+    """The timings of a training loop that counts pairs (the linear and reward-model loops)."""
+    return {
+        "train_s": seconds,
+        "s_per_iteration": seconds / iterations,
+        "pairs_per_s": pairs / seconds,
+        "peak_memory_mb": peak_memory_mb(),
+    }
+
+
 def peak_memory_mb() -> dict:
     """Peak resident memory of this process and, where used, peak CUDA memory (MiB)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

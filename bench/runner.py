@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 import methods
 import tasks
 from bench.config import build_config, config_hash, method_radius, to_dict
-from bench.records import environment, git_commit, read_json, write_json_atomic
+from bench.records import SCHEMA, environment, git_commit, read_json, write_json_atomic
 
 TRAINERS = {"linear": "bench.train_linear:train", "lm": "bench.train:train", "rm": "bench.train_rm:train"}
 
@@ -85,7 +85,7 @@ def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
     cfg = cell.config()
     knob = methods.get(cell.method).knob
     record = {
-        "schema": 1,
+        "schema": SCHEMA,
         "task": cell.task,
         "method": cell.method,
         "seed": cell.seed,

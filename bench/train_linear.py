@@ -21,7 +21,7 @@ from torch import Tensor
 import methods
 from bench.config import loss_kwargs, method_radius
 from bench.evaluate import mixture_scores
-from bench.resources import peak_memory_mb
+from bench.resources import loop_timings
 from bench.runner import OnEval
 from methods import Method, PairScores
 from methods.pointwise import preference_labels
@@ -138,12 +138,7 @@ def train(cfg: DictConfig, task: LinearTask, run_dir: Path, on_eval: OnEval | No
         "metrics": final,
         "reference": reference,
         "curves": curves,
-        "timings": {
-            "train_s": elapsed,
-            "s_per_iteration": elapsed / cfg.train.iterations,
-            "pairs_per_s": pairs / elapsed,
-            "peak_memory_mb": peak_memory_mb(),
-        },
+        "timings": loop_timings(elapsed, cfg.train.iterations, pairs),
         "theta": theta.detach().tolist(),
     }
 

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 import methods
 from bench.config import method_radius
-from bench.resources import peak_memory_mb
+from bench.resources import loop_timings
 from bench.runner import OnEval
 from bench.train import PromptSampler, disable_dropout
 from methods import PairScores
@@ -138,12 +138,6 @@ def train(cfg: DictConfig, task: PreferenceTask, run_dir: Path, on_eval: OnEval 
         "metrics": final,
         "reference": reference,
         "curves": curves,
-        "timings": {
-            "train_s": elapsed,
-            "s_per_iteration": elapsed / tc.iterations,
-            "pairs_per_s": pairs_seen / elapsed,
-            "peak_memory_mb": peak_memory_mb(),
-            "device": str(device),
-        },
+        "timings": {**loop_timings(elapsed, tc.iterations, pairs_seen), "device": str(device)},
         "model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
     }

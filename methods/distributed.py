@@ -33,11 +33,3 @@ def gather_detached(local: Tensor) -> tuple[Tensor, int]:
     dist.all_gather(blocks, padded)
     full = torch.cat([b[:c] for b, c in zip(blocks, counts, strict=True)])
     return full, sum(counts[:rank])
-
-
-def sum_detached(value: Tensor) -> Tensor:
-    """All-reduce (sum) a detached tensor; the identity outside torch.distributed."""
-    value = value.detach().clone()
-    if world()[1] > 1:
-        dist.all_reduce(value)
-    return value

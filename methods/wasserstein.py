@@ -46,18 +46,3 @@ def grad_sq_norms(losses: Tensor, inputs: Sequence[Tensor], create_graph: bool =
             raise ValueError(f"an input has {rows.numel()} rows, not a multiple of the {n} samples")
         total = total + rows.view(-1, n).sum(0)
     return total
-
-
-def wasserstein_penalty(g: Tensor, rho0: float, form: str = "sqrt_mean") -> Tensor:
-    """The penalty from per-sample squared gradient norms ``g`` (differentiable).
-
-    ``sqrt_mean``: ``rho0·sqrt(mean_i g_i)`` (the paper's form, W-REBEL and WDPO papers);
-    ``per_sample_sq``: ``rho0·mean_i g_i`` (the official WDPO code's pointwise upper bound).
-    """
-    if rho0 < 0:
-        raise ValueError(f"rho0 must be >= 0, got {rho0}")
-    if form == "sqrt_mean":
-        return rho0 * torch.sqrt(g.mean() + SQRT_EPS)
-    if form == "per_sample_sq":
-        return rho0 * g.mean()
-    raise ValueError(f"unknown Wasserstein penalty form {form!r}; known: sqrt_mean, per_sample_sq")

@@ -43,7 +43,6 @@ TOPICS = [
     "the lost suitcase",
 ]
 
-TONES = ("neutral", "warm", "tense")
 FRAMES = [
     ("When I think about {t},", 0),
     ("The story of {t} begins", 0),
