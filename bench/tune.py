@@ -31,8 +31,10 @@ import methods
 from bench.config import ConfigError
 from bench.records import read_json
 from bench.runner import Cell, StopRun, is_completed, record_path, run_cell
+from tasks.artifacts import locked
 
 OBJECTIVE = "val_worst_case"
+SQLITE_WAIT_S = 60  # how long a SQLite write waits for another worker's lock
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -73,7 +75,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage | str:
         path.parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        # Opening a new SQLite study creates its schema (tables, alembic stamp); two processes doing
+        # that at once fail (``table studies already exists``, ``UNIQUE constraint failed:
+        # alembic_version``). A file lock makes the first open create it and the others find it.
+        path = Path(url[len("sqlite:///") :])
+        with locked(path):
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": SQLITE_WAIT_S}})
     return url
 
 
