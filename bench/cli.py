@@ -9,8 +9,8 @@ from pathlib import Path
 
 import methods
 import tasks
-from bench.config import ConfigError
-from bench.registry import UnknownNameError
+from bench.core.registry import UnknownNameError
+from bench.loops.config import ConfigError
 from tasks.hub import HubUnavailable
 
 EPILOG = "Overrides are key=value pairs on the typed config, e.g. method.rho=0.1 task.n=2000 train.lr=1e-3."
@@ -65,7 +65,7 @@ def split_list(text: str) -> list[str]:
 def build_sweep(args: argparse.Namespace):
     """The sweep of a ``bench run``: a sweep file and/or CLI axes (CLI axes win)."""
 
-    from bench.sweep import SweepConfig, adhoc_name, expand, load_sweep_config, resolve_path
+    from bench.harness.sweep import SweepConfig, adhoc_name, expand, load_sweep_config, resolve_path
 
     path = resolve_path(args.sweep) if args.sweep else None
     cfg = load_sweep_config(path) if path else SweepConfig(task=args.task or "lexicon")
@@ -96,9 +96,15 @@ def build_sweep(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from bench.config import config_hash
-    from bench.launch import launch
-    from bench.leaderboard import failures, format_leaderboard, leaderboard, load_records, records_frame
+    from bench.harness.launch import launch
+    from bench.harness.leaderboard import (
+        failures,
+        format_leaderboard,
+        leaderboard,
+        load_records,
+        records_frame,
+    )
+    from bench.loops.config import config_hash
 
     sweep = build_sweep(args)
     root = Path(args.results)
@@ -144,7 +150,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from tabulate import tabulate
 
-    from bench.launch import sweep_status
+    from bench.harness.launch import sweep_status
 
     root = Path(args.results)
     names = [args.sweep] if args.sweep else sorted(p.name for p in (root / ".sweeps").glob("*"))
@@ -165,11 +171,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
-    from bench.config import build_config, config_hash
-    from bench.launch import launch
-    from bench.leaderboard import format_leaderboard, leaderboard, load_records, records_frame
-    from bench.sweep import resolve_path
-    from bench.tune import TuneSpec, load_space, run_tuning, storage_url, trial_cell
+    from bench.harness.launch import launch
+    from bench.harness.leaderboard import format_leaderboard, leaderboard, load_records, records_frame
+    from bench.harness.sweep import resolve_path
+    from bench.harness.tune import TuneSpec, load_space, run_tuning, storage_url, trial_cell
+    from bench.loops.config import build_config, config_hash
 
     method = methods.get(args.method)
     if method.knob is None:
@@ -230,7 +236,7 @@ def _slurm_config(overrides: list[str], base=None):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from bench.sweep import SlurmConfig
+    from bench.harness.sweep import SlurmConfig
 
     try:
         merged = OmegaConf.merge(
@@ -242,7 +248,7 @@ def _slurm_config(overrides: list[str], base=None):
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.report import refresh_readme, write_reports
+    from bench.harness.report import refresh_readme, write_reports
 
     out = Path(args.out) if args.out else Path(args.results) / "reports"
     reports = write_reports(Path(args.results), out, args.task, args.sweep, figures=not args.no_figures)
@@ -263,7 +269,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from bench.config import build_config
+    from bench.loops.config import build_config
 
     spec = tasks.get(args.task)
     if not spec.preparer:
@@ -277,9 +283,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from bench.capability import lmeval_scores
-    from bench.leaderboard import load_records
-    from bench.records import write_json_atomic
+    from bench.harness.leaderboard import load_records
+    from bench.harness.records import write_json_atomic
+    from bench.loops.capability import lmeval_scores
 
     names = split_list(args.tasks)
     records = [
@@ -306,7 +312,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_perf(args: argparse.Namespace) -> int:
-    from bench.perf import PerfConfig, run
+    from bench.studies.perf import PerfConfig, run
 
     cfg = PerfConfig()
     if args.quick:
@@ -319,7 +325,13 @@ def cmd_perf(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from bench.leaderboard import failures, format_leaderboard, leaderboard, load_records, records_frame
+    from bench.harness.leaderboard import (
+        failures,
+        format_leaderboard,
+        leaderboard,
+        load_records,
+        records_frame,
+    )
 
     frame = records_frame(load_records(Path(args.results), args.task))
     print(format_leaderboard(leaderboard(frame)))
@@ -331,8 +343,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    from bench.coverage import load_study, run_study
-    from bench.sweep import resolve_path
+    from bench.harness.sweep import resolve_path
+    from bench.studies.coverage import load_study, run_study
 
     study = load_study(resolve_path(args.sweep), args.overrides)
     result = run_study(study, Path(args.results))

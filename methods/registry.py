@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from bench.registry import Registry
+from bench.core.registry import Registry
 from methods import pointwise, robust
 
 WeightFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]

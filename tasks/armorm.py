@@ -15,11 +15,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bench.lm import Sampling
-from tasks.artifacts import cache_dir
-from tasks.hub import PromptTask, ScoreCache, from_pretrained, load_splits, reward_device, take
+from bench.core.artifacts import cache_dir
+from bench.core.lm import Sampling
+from tasks.hub import (
+    PAPER_DEFAULTS,
+    PromptTask,
+    ScoreCache,
+    from_pretrained,
+    load_splits,
+    reward_device,
+    take,
+)
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
+from tasks.registry import TaskSpec, register_task
 
 HEADS = (
     "helpsteer-helpfulness",
@@ -174,3 +183,24 @@ def build(cfg: ArmoRMConfig) -> PromptTask:
     return PromptTask(
         splits, panel, protocol, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p), policy
     )
+
+
+register_task(
+    TaskSpec(
+        name="armorm",
+        config_cls=ArmoRMConfig,
+        builder=build,
+        trainer="lm",
+        needs="nvidia/HelpSteer2, Llama-3.2-1B/3B-Instruct (gated), ArmoRM-Llama3-8B (remote code); GPUs",
+        description="HelpSteer2 prompts; Llama-3.2 Instruct; ArmoRM 19 objectives + MoE score",
+        defaults=(
+            *PAPER_DEFAULTS,
+            "train.batch_size=32",
+            "train.iterations=200",
+            "method.eta=0.01",
+            "method.beta=1.0",
+            "method.labels=argmax",
+        ),
+        size_key="task.size",
+    )
+)

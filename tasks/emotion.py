@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from bench.lm import Sampling
-from tasks.artifacts import artifact_dir, build_once, require
+from bench.core.artifacts import artifact_dir, build_once, require
+from bench.core.lm import Sampling
 from tasks.finetune import finetune_lm, train_classifier
-from tasks.hub import PromptTask, SequenceClassifierPanel, load_splits, take
+from tasks.hub import PAPER_DEFAULTS, PromptTask, SequenceClassifierPanel, load_splits, take
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
+from tasks.registry import TaskSpec, register_task
 
 EMOTIONS = ("sadness", "joy", "love", "anger", "fear", "surprise")  # dair-ai/emotion label ids 0..5
 SIZES = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large"}
@@ -124,3 +125,18 @@ def build(cfg: EmotionConfig) -> PromptTask:
     return PromptTask(
         splits, panel, protocol, sampling, str(folder / "policy"), standardize=cfg.mixing == "convex"
     )
+
+
+register_task(
+    TaskSpec(
+        name="emotion",
+        config_cls=EmotionConfig,
+        builder=build,
+        trainer="lm",
+        needs="dair-ai/emotion, gpt2[-medium|-large] (Hub or HF cache); `bench prepare emotion` once; a GPU",
+        description="emotion texts' first words; SFT GPT-2 policy; GPT-2 emotion classifier (6 heads)",
+        defaults=(*PAPER_DEFAULTS, "method.eta=0.01", "method.beta=0.1"),
+        size_key="task.size",
+        preparer=prepare,
+    )
+)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from bench.lm import Sampling
-from tasks.artifacts import artifact_dir, build_once, require
+from bench.core.artifacts import artifact_dir, build_once, require
+from bench.core.lm import Sampling
 from tasks.finetune import finetune_lm
-from tasks.hub import PromptTask, SequenceClassifierPanel, StackedPanel, load_splits, take
+from tasks.hub import PAPER_DEFAULTS, PromptTask, SequenceClassifierPanel, StackedPanel, load_splits, take
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
+from tasks.registry import TaskSpec, register_task
 
 SIZES = {
     "gpt2": "gpt2",
@@ -111,3 +112,18 @@ def build(cfg: HHConfig) -> PromptTask:
         Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
         str(folder / "policy"),
     )
+
+
+register_task(
+    TaskSpec(
+        name="hh",
+        config_cls=HHConfig,
+        builder=build,
+        trainer="lm",
+        needs="Anthropic/hh-rlhf, Pythia/GPT-2, helpful + harmless RMs (Hub); `bench prepare hh`; a GPU",
+        description="HH-RLHF first human turns; SFT Pythia/GPT-2; helpful and harmless reward models",
+        defaults=(*PAPER_DEFAULTS, "method.eta=0.01", "method.beta=0.1"),
+        size_key="task.size",
+        preparer=prepare,
+    )
+)

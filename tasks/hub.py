@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from bench.lm import Sampling
+from bench.core.lm import Sampling
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import Protocol
 
@@ -177,6 +177,18 @@ class ScoreCache:
                     self.table[keys[i]] = row
                     f.write(json.dumps([keys[i], row]) + "\n")
         return torch.tensor([self.table[k] for k in keys], dtype=torch.float64)
+
+
+# The training defaults shared by the paper tasks (emotion, armorm, hh).
+PAPER_DEFAULTS = (
+    "train.iterations=100",
+    "train.batch_size=64",
+    "train.lr=1e-5",
+    "train.eval_every=50",
+    "train.checkpoint_every=10",
+    "train.grad_clip=1.0",
+    "train.warmup=10",
+)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from tasks.mixtures import Protocol, pair_protocol
+from tasks.registry import TaskSpec, register_task
 
 
 @dataclass
@@ -105,3 +106,25 @@ class LinearTask:
         phi = self.split(split).phi
         logp, logq = self.log_policy(theta, phi), self.log_policy(self.theta_ref, phi)
         return (logp.exp() * (logp - logq)).sum(-1).mean()
+
+
+register_task(
+    TaskSpec(
+        name="linear",
+        config_cls=LinearConfig,
+        builder=LinearTask,
+        trainer="linear",
+        needs="nothing: exact, CPU, seconds",
+        size_key="task.d",
+        description="log-linear policy, K linear objectives, exact expected rewards and KL",
+        defaults=(
+            "method.eta=1.0",
+            "method.beta=1.0",
+            "train.iterations=150",
+            "train.batch_size=64",
+            "train.lr=0.05",
+            "train.eval_every=25",
+            "train.grad_clip=0",
+        ),
+    )
+)

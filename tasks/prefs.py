@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.lm import Sampling, sample
-from bench.refcache import cached, model_fingerprint
+from bench.core.lm import Sampling, sample
+from bench.core.refcache import cached, model_fingerprint
 from tasks.hub import load_splits
 from tasks.lexicon import presets, rewards
 from tasks.lexicon.prompts import splits
 from tasks.mixtures import mix_rewards
+from tasks.registry import TaskSpec, register_task
 
 
 @dataclass
@@ -167,3 +168,33 @@ def build_unified_feedback(cfg: UnifiedFeedbackConfig) -> PreferenceTask:
         test[f"ood:{name}"] = cut(ood, 0, cfg.n_test)
         val[f"ood:{name}"] = cut(ood, cfg.n_test, cfg.n_test + cfg.n_val)
     return PreferenceTask(cut(_unified_pairs(rows["train"]), 0, cfg.n), val, test, cfg.rm_base)
+
+
+RM_LOSSES = frozenset({"bt"})  # the reward-model tasks train Bradley-Terry models
+register_task(
+    TaskSpec(
+        name="lexicon-prefs",
+        config_cls=LexiconPrefsConfig,
+        builder=build_lexicon_prefs,
+        trainer="rm",
+        needs="nothing: offline, CPU (pairs sampled once from the lexicon preset, cached)",
+        description="reward models on lexicon-labeled pairs; ID = training mixture, OOD = other objectives",
+        defaults=("train.iterations=100", "train.batch_size=32", "train.lr=5e-4", "train.eval_every=25"),
+        losses=RM_LOSSES,
+        scale_key="task.n",
+    )
+)
+register_task(
+    TaskSpec(
+        name="unified-feedback",
+        config_cls=UnifiedFeedbackConfig,
+        builder=build_unified_feedback,
+        trainer="rm",
+        needs="llm-blender/Unified-Feedback and Anthropic/hh-rlhf (Hub); a GPU for real base models",
+        description="reward models on Unified-Feedback; OOD accuracy on HH-RLHF pairs (and datasets you add)",
+        defaults=("train.iterations=2000", "train.batch_size=64", "train.lr=1e-5", "train.eval_every=500"),
+        losses=RM_LOSSES,
+        scale_key="task.n",
+        size_key="task.rm_base",
+    )
+)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import LEXICON_FAST
 
-from bench.capability import lmeval_scores, local_task_dir
 from bench.cli import main
-from bench.lm import sequence_batch, sequence_logps
-from bench.records import read_json
-from bench.runner import Cell, record_path, run_cell
+from bench.core.lm import sequence_batch, sequence_logps
+from bench.harness.records import read_json
+from bench.harness.runner import Cell, record_path, run_cell
+from bench.loops.capability import lmeval_scores, local_task_dir
 from tasks.lexicon.presets import load_policy
 
 pytestmark = pytest.mark.slow

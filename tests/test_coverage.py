@@ -6,8 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.config import ConfigError
-from bench.coverage import CoverageConfig, divergence, load_study, make_instance, robust_estimate, run_study
+from bench.loops.config import ConfigError
+from bench.studies.coverage import (
+    CoverageConfig,
+    divergence,
+    load_study,
+    make_instance,
+    robust_estimate,
+    run_study,
+)
 
 SWEEP = Path(__file__).resolve().parent.parent / "sweeps" / "radius-coverage.yaml"
 

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from bench.config import build_config
-from bench.evaluate import mixture_scores
-from bench.train_linear import target_parameter
+from bench.loops.config import build_config
+from bench.loops.evaluate import mixture_scores
+from bench.loops.linear import target_parameter
 from tasks.linear import LinearConfig, LinearTask
 
 SMALL = LinearConfig(d=3, n=5, n_val=4, n_test=6, actions=3, objectives=3, groups=2)

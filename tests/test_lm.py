@@ -3,7 +3,7 @@
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from bench.lm import sequence_batch, sequence_logps
+from bench.core.lm import sequence_batch, sequence_logps
 
 
 def tiny_model():

@@ -7,9 +7,9 @@ import torch
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from bench.cli import main
-from bench.records import read_json
-from bench.runner import Cell, record_path, run_cell
-from bench.sweep import load_sweep
+from bench.harness.records import read_json
+from bench.harness.runner import Cell, record_path, run_cell
+from bench.harness.sweep import load_sweep
 from tasks.hub import HubUnavailable, ScoreCache
 from tasks.lexicon.corpus import sentences
 from tasks.lexicon.presets import load_policy
@@ -85,7 +85,7 @@ def test_emotion_prepare_then_run(standins, tmp_path):
     )
     with pytest.raises(RuntimeError, match="bench prepare emotion"):  # artifacts first
         import tasks
-        from bench.config import build_config
+        from bench.loops.config import build_config
 
         tasks.get("emotion").build(build_config("emotion", "rebel", task).task)
     assert main(["prepare", "emotion", *task]) == 0
@@ -118,7 +118,7 @@ def test_armorm_with_a_stand_in_reward_model_and_the_score_cache(standins, tmp_p
     lines = cache.read_text().count("\n")
     assert lines > 0
     import tasks
-    from bench.config import build_config
+    from bench.loops.config import build_config
 
     built = tasks.get("armorm").build(build_config("armorm", "rebel", (*task, *TRAIN)).task)
     assert isinstance(built.panel, ScoreCache)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.evaluate import _mixture_replicates, _resample_weights
-from bench.perf import official_chi2_search
+from bench.loops.evaluate import _mixture_replicates, _resample_weights
+from bench.studies.perf import official_chi2_search
 from tasks.mixtures import pair_protocol
 
 pytestmark = pytest.mark.slow

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.records import write_json_atomic
-from bench.report import README_END, README_START, refresh_readme, write_reports
+from bench.harness.records import write_json_atomic
+from bench.harness.report import README_END, README_START, refresh_readme, write_reports
 
 BASE_CONFIG = {"task": {"d": 8, "n": 512}, "train": {"iterations": 10}}
 

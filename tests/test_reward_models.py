@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.records import read_json
-from bench.runner import Cell, record_path, run_cell
+from bench.harness.records import read_json
+from bench.harness.runner import Cell, record_path, run_cell
 from tasks.prefs import PairSet, _unified_pairs
 
 pytestmark = pytest.mark.slow
@@ -22,8 +22,9 @@ PREFS = (
 
 
 def test_reward_model_accuracies_by_hand(tmp_path):
-    from bench.train_rm import accuracy, load_reward_model
+    from bench.loops.reward_model import accuracy
     from tasks.lexicon.presets import ensure_preset
+    from tasks.reward_model import load_reward_model
 
     model, tok = load_reward_model(str(ensure_preset("tiny", 60)))
     model.eval()
@@ -32,7 +33,7 @@ def test_reward_model_accuracies_by_hand(tmp_path):
         ["sad rain", "a happy day", "grief"],
         torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64),
     )
-    from bench.train_rm import rm_scores
+    from tasks.reward_model import rm_scores
 
     with torch.no_grad():
         a = rm_scores(model, tok, pairs.first)[0]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
-from bench.launch import launch
-from bench.leaderboard import leaderboard, load_records, records_frame
-from bench.runner import Cell, record_path, run_cell
+from bench.harness.launch import launch
+from bench.harness.leaderboard import leaderboard, load_records, records_frame
+from bench.harness.runner import Cell, record_path, run_cell
 
 FAST = ("train.iterations=20", "train.eval_every=10", "task.n=64", "task.n_test=64", "task.n_val=32")
 

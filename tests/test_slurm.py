@@ -14,8 +14,8 @@ import pytest
 from conftest import LEXICON_FAST
 
 from bench.cli import main
-from bench.launch import load_registry, sweep_status
-from bench.runner import Cell, record_path, run_cell
+from bench.harness.launch import load_registry, sweep_status
+from bench.harness.runner import Cell, record_path, run_cell
 
 pytestmark = pytest.mark.slow
 

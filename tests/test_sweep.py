@@ -3,8 +3,8 @@
 import pytest
 
 from bench.cli import main
-from bench.config import ConfigError, config_hash
-from bench.sweep import SWEEP_DIR, expand, load_sweep, load_sweep_config
+from bench.harness.sweep import SWEEP_DIR, expand, load_sweep, load_sweep_config
+from bench.loops.config import ConfigError, config_hash
 
 
 def write(tmp_path, text):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import LEXICON_FAST
 
-from bench.runner import Cell, record_path, run_cell
+from bench.harness.runner import Cell, record_path, run_cell
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ def test_offline_reference_data_is_computed_once_and_refused_when_stale(tmp_path
     base = (*LEXICON_FAST, "train.data=offline")
     first, second = Cell("lexicon", "dpo", 0, base), Cell("lexicon", "kldpo", 0, base)
     run_cell(first, tmp_path / "r")
-    import bench.train as loop
+    import bench.loops.train as loop
 
     calls = []
     real = loop.sample_pairs
@@ -130,12 +130,12 @@ def test_offline_reference_data_is_computed_once_and_refused_when_stale(tmp_path
 
 def test_prev_iterate_anchor_equals_an_explicit_forward_of_the_sampling_policy():
     import methods
-    from bench.train import PairBatch, chunked_logps
+    from bench.loops.train import PairBatch, chunked_logps
     from tasks.lexicon.presets import load_policy
 
     policy, tok = load_policy("tiny", steps=60)
     policy.eval()
-    from bench.lm import sequence_batch
+    from bench.core.lm import sequence_batch
 
     seqs = sequence_batch([[5, 6, 7]] * 4, [[8, 9], [10, 11, 12], [13], [14, 15]], tok.pad_token_id)
     rewards, pref = torch.randn(2, 2), torch.tensor([1.0, 0.0])

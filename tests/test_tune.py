@@ -12,9 +12,17 @@ import pytest
 from optuna.trial import TrialState
 
 from bench.cli import main
-from bench.config import ConfigError
-from bench.runner import Cell, record_path, run_cell
-from bench.tune import TuneSpec, load_space, make_study, open_storage, run_tuning, split_budget, storage_url
+from bench.harness.runner import Cell, record_path, run_cell
+from bench.harness.tune import (
+    TuneSpec,
+    load_space,
+    make_study,
+    open_storage,
+    run_tuning,
+    split_budget,
+    storage_url,
+)
+from bench.loops.config import ConfigError
 
 pytestmark = pytest.mark.slow
 FAST = ("train.iterations=60", "train.eval_every=20", "task.n_test=128", "task.n_val=96")

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from bench.lm import Sampling
+from bench.core.lm import Sampling
 from tasks.lexicon import presets, rewards
 from tasks.lexicon.prompts import Prompt, splits
 from tasks.mixtures import Mixture, Protocol, pair_protocol
+from tasks.registry import TaskSpec, register_task
+from tasks.reward_model import LearnedReward
 
 
 @dataclass
@@ -88,36 +90,6 @@ class LexiconTask:
         )
 
 
-class LearnedReward:
-    """A trained reward model (``bench run --task lexicon-prefs ... train.save_model=true``)."""
-
-    def __init__(self, folder: str):
-        from pathlib import Path
-
-        if not (Path(folder) / "config.json").exists():
-            raise ValueError(
-                f"task.reward_model {folder} holds no model: train one first with `bench run --task "
-                "lexicon-prefs --methods bt train.save_model=true` and pass its run folder's policy/ folder"
-            )
-        from bench.train_rm import load_reward_model
-
-        self.model, self.tok = load_reward_model(folder)
-        self.model.eval()
-
-    @torch.no_grad()
-    def score(self, texts: list[str]) -> Tensor:
-        from bench.train_rm import rm_scores
-
-        return (
-            torch.cat(
-                [rm_scores(self.model, self.tok, texts[lo : lo + 64])[0] for lo in range(0, len(texts), 64)]
-            )
-            .double()
-            .cpu()
-            .view(-1, 1)
-        )
-
-
 def with_learned_head(protocol: Protocol) -> Protocol:
     """Train on the learned reward alone; evaluate the same mixtures of the true heads as before."""
 
@@ -134,3 +106,24 @@ def with_learned_head(protocol: Protocol) -> Protocol:
         False,
         (*protocol.names, "learned_rm"),
     )
+
+
+register_task(
+    TaskSpec(
+        name="lexicon",
+        config_cls=LexiconConfig,
+        builder=LexiconTask,
+        trainer="lm",
+        needs="nothing: offline, CPU (nrclex + vaderSentiment lexicons, presets built once into the cache)",
+        size_key="task.policy",
+        description="sentence starters; 10 NRC emotion heads + VADER; tiny GPT-2 / SmolLM2 policies",
+        defaults=(
+            "method.eta=0.1",
+            "method.beta=0.1",
+            "train.iterations=40",
+            "train.batch_size=16",
+            "train.lr=1e-3",
+            "train.eval_every=20",
+        ),
+    )
+)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import build_once, cache_dir
+from bench.core.artifacts import build_once, cache_dir
 
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

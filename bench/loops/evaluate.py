@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bench.lm import sample, sequence_batch, token_logps
+from bench.core.lm import sample, sequence_batch, token_logps
 from tasks.mixtures import Mixture, Protocol
 
 

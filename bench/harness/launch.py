@@ -25,9 +25,9 @@ import submitit
 from submitit.helpers import Checkpointable
 from tqdm import tqdm
 
-from bench.records import read_json, write_json_atomic
-from bench.runner import Cell, record_path, run_cells
-from bench.sweep import SlurmConfig
+from bench.harness.records import read_json, write_json_atomic
+from bench.harness.runner import Cell, record_path, run_cells
+from bench.harness.sweep import SlurmConfig
 
 CLUSTERS = ("debug", "local", "slurm")
 IN_FLIGHT = {

@@ -28,10 +28,11 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 import methods
-from bench.config import ConfigError
-from bench.records import read_json
-from bench.runner import Cell, StopRun, is_completed, record_path, run_cell
-from tasks.artifacts import locked
+from bench.core.artifacts import locked
+from bench.harness.records import read_json
+from bench.harness.runner import Cell, is_completed, record_path, run_cell
+from bench.loops.callbacks import StopRun
+from bench.loops.config import ConfigError
 
 OBJECTIVE = "val_worst_case"
 SQLITE_WAIT_S = 60  # how long a SQLite write waits for another worker's lock
@@ -256,7 +257,7 @@ def run_tuning(
     spec: TuneSpec, trials: int, workers: int = 1, cluster: str = "debug", timeout_min: int = 240, slurm=None
 ) -> TuneResult:
     """Run (or resume) the study until ``trials`` trials have used up budget."""
-    from bench.launch import make_executor
+    from bench.harness.launch import make_executor
 
     if trials < 1 or workers < 1:
         raise ConfigError("--trials and --workers must be >= 1")

@@ -27,8 +27,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from scipy import optimize
 
-from bench.config import ConfigError
-from bench.records import write_json_atomic
+from bench.harness.records import write_json_atomic
+from bench.loops.config import ConfigError
 from methods.robust import chi2_weights, kl_constrained
 
 SOLVERS = {"chi2": chi2_weights, "kl": kl_constrained}

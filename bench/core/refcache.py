@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import cache_dir
+from bench.core.artifacts import cache_dir
 
 FULL_HASH_LIMIT = 50_000_000  # parameters; larger models hash a strided sample of every tensor
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import cache_dir
+from bench.core.artifacts import cache_dir
 from tasks.lexicon.rewards import nrc_lexicon
 
 LOCAL_TASKS = ("bench_polarity", "bench_emotion_word")

@@ -29,11 +29,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 import methods
 import tasks
-from bench.config import ConfigError
-from bench.registry import UnknownNameError
-from bench.runner import Cell
+from bench.core.registry import UnknownNameError
+from bench.harness.runner import Cell
+from bench.loops.config import ConfigError
 
-SWEEP_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+SWEEP_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 
 
 @dataclass

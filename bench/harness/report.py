@@ -19,7 +19,7 @@ import pandas as pd
 from scipy import stats
 
 import methods
-from bench.leaderboard import failures, leaderboard, load_records, records_frame
+from bench.harness.leaderboard import failures, leaderboard, load_records, records_frame
 
 README_START, README_END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
 # (column, header, which value is best)
@@ -177,7 +177,7 @@ def write_reports(
     root: Path, out: Path, task: str | None = None, sweep: str | None = None, figures: bool = True
 ) -> list[TaskReport]:
     """Every task's tables (and figures) under ``out/<task>/``."""
-    from bench.figures import coverage_figure, task_figures
+    from bench.harness.figures import coverage_figure, task_figures
 
     records = load_records(root, task, sweep)
     frame = records_frame(records)

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 
 import methods
-from bench.lm import Sampling, SequenceBatch, sample
-from bench.records import write_json_atomic
-from bench.resources import peak_memory_mb
+from bench.core.lm import Sampling, SequenceBatch, sample
+from bench.core.resources import peak_memory_mb
+from bench.harness.records import write_json_atomic
 from methods.robust import chi2_weights, kl_constrained, tv_weights
 from methods.wasserstein import double_backprop_attention
 
@@ -70,7 +70,7 @@ def build_model(name: str):
 
 def pair_batch(vocab: int, cfg: PerfConfig):
     """A fixed batch of m pairs: shared prompt rows, two responses each, anchors and labels."""
-    from bench.train import PairBatch
+    from bench.loops.train import PairBatch
 
     gen = torch.Generator().manual_seed(0)
     m, t = cfg.batch, cfg.prompt_len + cfg.response_len
@@ -115,7 +115,7 @@ def loop_wasserstein_step(policy, opt, batch, rho0: float) -> float:
     opt.zero_grad(set_to_none=True)
     seqs = batch.rows(torch.arange(batch.m))
     embeds = policy.get_input_embeddings()(seqs.input_ids)
-    from bench.lm import sequence_logps
+    from bench.core.lm import sequence_logps
 
     with double_backprop_attention():
         logps = sequence_logps(policy, seqs, 1.0, inputs_embeds=embeds)
@@ -261,7 +261,7 @@ def bench_generation(cfg: PerfConfig) -> list[dict]:
 
 def bench_eval_mixtures() -> list[dict]:
     """mixture_scores on fixed heads R[N, K] with the lexicon protocol and a 100x larger one."""
-    from bench.evaluate import mixture_scores
+    from bench.loops.evaluate import mixture_scores
     from tasks.mixtures import Mixture, pair_protocol
 
     names = [f"h{k}" for k in range(11)]

@@ -7,7 +7,6 @@ import importlib
 import os
 import random
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,17 +16,16 @@ from omegaconf import DictConfig
 
 import methods
 import tasks
-from bench.config import build_config, config_hash, method_radius, to_dict
-from bench.records import SCHEMA, environment, git_commit, read_json, write_json_atomic
+from bench.harness.records import SCHEMA, environment, git_commit, read_json, write_json_atomic
+from bench.loops.callbacks import OnEval, StopRun
+from bench.loops.config import build_config, config_hash, method_radius, to_dict
 
-TRAINERS = {"linear": "bench.train_linear:train", "lm": "bench.train:train", "rm": "bench.train_rm:train"}
-
-
-class StopRun(Exception):
-    """Raised by an ``on_eval`` callback to stop a run early (an Optuna pruning decision)."""
-
-
-OnEval = Callable[[int, dict], None]
+# The loop of each kind of task, imported when a cell runs (listing and planning stay cheap).
+TRAINERS = {
+    "linear": "bench.loops.linear:train",
+    "lm": "bench.loops.train:train",
+    "rm": "bench.loops.reward_model:train",
+}
 
 
 @dataclass(frozen=True)

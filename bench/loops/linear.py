@@ -19,10 +19,10 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 import methods
-from bench.config import loss_kwargs, method_radius
-from bench.evaluate import mixture_scores
-from bench.resources import loop_timings
-from bench.runner import OnEval
+from bench.core.resources import loop_timings
+from bench.loops.callbacks import OnEval
+from bench.loops.config import loss_kwargs, method_radius
+from bench.loops.evaluate import mixture_scores
 from methods import Method, PairScores
 from methods.pointwise import preference_labels
 from tasks.linear import LinearTask

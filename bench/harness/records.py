@@ -40,7 +40,7 @@ def read_json(path: Path) -> Any:
 @cache
 def git_commit() -> dict:
     """The commit of the checkout bench runs from, and whether it had uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # the checkout: bench/harness/records.py
     try:
         sha = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"],

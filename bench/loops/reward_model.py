@@ -11,6 +11,7 @@ OOD sets is the record's ``worst_case``, their mean ``mean_over_test`` and the I
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -18,41 +19,14 @@ import torch
 from omegaconf import DictConfig
 
 import methods
-from bench.config import method_radius
-from bench.resources import loop_timings
-from bench.runner import OnEval
-from bench.train import PromptSampler, disable_dropout
+from bench.core.resources import loop_timings
+from bench.loops.callbacks import OnEval
+from bench.loops.config import method_radius
+from bench.loops.train import PromptSampler, disable_dropout
 from methods import PairScores
 from methods.wasserstein import double_backprop_attention
 from tasks.prefs import PairSet, PreferenceTask
-
-
-def load_reward_model(base: str):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(base)
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    model.config.pad_token_id = tok.pad_token_id
-    return model, tok
-
-
-def rm_scores(model, tok, texts: list[str], max_len: int = 256, embeds: bool = False):
-    """One reward per text ``[n]`` (and the input embeddings when ``embeds``)."""
-    enc = tok(
-        texts, return_tensors="pt", padding=True, padding_side="left", truncation=True, max_length=max_len
-    )
-    enc = enc.to(next(model.parameters()).device)
-    mask = enc["attention_mask"]
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift the positions
-    if not embeds:
-        return model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions).logits[
-            :, 0
-        ], None
-    emb = model.get_input_embeddings()(enc["input_ids"])
-    with double_backprop_attention():
-        return model(inputs_embeds=emb, attention_mask=mask, position_ids=positions).logits[:, 0], emb
+from tasks.reward_model import load_reward_model, rm_scores
 
 
 @torch.no_grad()
@@ -103,7 +77,8 @@ def train(cfg: DictConfig, task: PreferenceTask, run_dir: Path, on_eval: OnEval 
 
         def losses_of(rows, idx=idx, label=label):
             texts = [task.train.first[i] for i in idx[rows]] + [task.train.second[i] for i in idx[rows]]
-            scores, emb = rm_scores(model, tok, texts, embeds=wasserstein)
+            with double_backprop_attention() if wasserstein else contextlib.nullcontext():
+                scores, emb = rm_scores(model, tok, texts, embeds=wasserstein)
             pair = scores.view(2, -1).T.double()
             return methods.pointwise_losses(method, PairScores(pair, pref=label[rows])), [
                 emb

@@ -16,7 +16,7 @@ import pandas as pd
 from scipy import stats
 
 import tasks
-from bench.records import iter_records, read_json
+from bench.harness.records import iter_records, read_json
 
 METRICS = ("worst_case", "mean_over_test", "train_reward", "val_worst_case", "kl_ref")
 

@@ -33,12 +33,12 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 import methods
-from bench.config import loss_kwargs, method_radius, to_dict
-from bench.evaluate import HeadScaler, evaluate_lm, seeded_rng
-from bench.lm import SequenceBatch, sample, sequence_batch, sequence_logps
-from bench.refcache import cached, model_fingerprint
-from bench.resources import peak_memory_mb, utilisation
-from bench.runner import OnEval
+from bench.core.lm import SequenceBatch, sample, sequence_batch, sequence_logps
+from bench.core.refcache import cached, model_fingerprint
+from bench.core.resources import peak_memory_mb, utilisation
+from bench.loops.callbacks import OnEval
+from bench.loops.config import loss_kwargs, method_radius, to_dict
+from bench.loops.evaluate import HeadScaler, evaluate_lm, seeded_rng
 from methods import Method, PairScores
 from methods.pointwise import preference_labels
 from methods.wasserstein import double_backprop_attention
@@ -325,7 +325,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         policy.save_pretrained(Path(run_dir) / "policy")
         tok.save_pretrained(Path(run_dir) / "policy")
     if tc.lmeval_tasks:
-        from bench.capability import lmeval_scores
+        from bench.loops.capability import lmeval_scores
 
         extra["capabilities"] = lmeval_scores(policy.eval(), tok, list(tc.lmeval_tasks))
     return {

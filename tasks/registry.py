@@ -1,0 +1,48 @@
+"""The task registry: each task module registers its ``TaskSpec`` beside its own code."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from omegaconf import DictConfig, OmegaConf
+
+from bench.core.registry import Registry
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A registered task: its config dataclass, how to build it, and what it needs to run."""
+
+    name: str
+    config_cls: type
+    builder: Callable[[object], object]  # task config -> the task object its loop trains on
+    trainer: str  # the training loop that runs it: "linear" (explicit policy), "lm" or "rm"
+    needs: str
+    description: str
+    defaults: tuple[str, ...] = ()  # key=value overrides of the generic defaults
+    losses: frozenset[str] = frozenset({"rebel", "dpo", "ipo"})
+    size_key: str = ""  # the config key that sweeps' "sizes" axis sets (model size)
+    scale_key: str = "task.n"  # the config key of the "scales" axis (data scale)
+    preparer: Callable[[object], str] | None = None  # run by `bench prepare TASK` (SFT, reward model)
+
+    def build(self, task_cfg: DictConfig | object) -> object:
+        cfg = OmegaConf.to_object(task_cfg) if isinstance(task_cfg, DictConfig) else task_cfg
+        return self.builder(cfg)
+
+    def prepare(self, task_cfg: DictConfig) -> str:
+        if self.preparer is None:
+            raise ValueError(f"task {self.name} has nothing to prepare")
+        return self.preparer(OmegaConf.to_object(task_cfg))
+
+    def validate(self, task_cfg: DictConfig) -> None:
+        cfg = OmegaConf.to_object(task_cfg)
+        if hasattr(cfg, "validate"):
+            cfg.validate()
+
+
+TASKS: Registry[TaskSpec] = Registry("task")
+
+
+def register_task(spec: TaskSpec) -> TaskSpec:
+    return TASKS.add(spec.name, spec)
