@@ -18,9 +18,9 @@ import tasks.hh
 import tasks.prefs  # noqa: F401
 
 # isort: on
-from tasks.registry import TASKS, TaskSpec, register_task
+from tasks.registry import TASKS, ModelSpec, TaskSpec, register_task
 
-__all__ = ["TASKS", "TaskSpec", "get", "names", "register_task"]
+__all__ = ["TASKS", "ModelSpec", "TaskSpec", "get", "names", "register_task"]
 
 
 def names() -> list[str]:
