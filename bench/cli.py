@@ -145,6 +145,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from bench.harness.plan import (
+        PLAN_HEADERS,
+        estimate,
+        gpu_named,
+        local_gpu,
+        plan_table,
+        sized_resources,
+        slurm_gpu,
+    )
+
+    sweep = build_sweep(args)
+    if args.gpu == "auto":
+        gpu = local_gpu() or slurm_gpu(sweep.config.slurm)
+    else:
+        gpu = gpu_named(args.gpu, args.gpu_mem)
+    estimates = [estimate(c, gpu) for c in sweep.cells]
+    print(f"plan of {len(sweep.cells)} cells on {gpu.name} ({gpu.memory_gb:.0f} GB); estimates, not measured")
+    print(tabulate(plan_table(estimates), PLAN_HEADERS, disable_numparse=True))
+    s = sized_resources(sweep.cells, sweep.config.slurm)
+    print(
+        f"\nSLURM resources per array task (--cluster slurm): {s.gpus_per_task} GPU, {s.cpus_per_task} CPUs, "
+        f"{s.mem_gb:g} GB host memory, {s.time_min} min; override with slurm.KEY=VALUE"
+    )
+    bad = [e for e in estimates if not e.fits]
+    if bad:
+        print(f"{len(bad)} cells do not fit; `bench run` refuses them before submitting anything")
+    return 1 if bad else 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from collections import Counter
 
@@ -275,8 +307,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if not spec.preparer:
         prepared = ", ".join(n for n in tasks.names() if tasks.get(n).preparer)
         raise ConfigError(f"task {args.task} has no preparation stage; tasks with one: {prepared}")
-    cfg = build_config(args.task, "rebel", args.overrides)
-    print(f"prepared {args.task}: {spec.prepare(cfg.task)}")
+    from bench.harness.launch import prepare_job
+
+    overrides = [o for o in args.overrides if not o.startswith("slurm.")]
+    build_config(args.task, "rebel", overrides)  # bad overrides fail here, before any job starts
+    slurm = _slurm_config([o[len("slurm.") :] for o in args.overrides if o.startswith("slurm.")])
+    print(
+        f"prepared {args.task}: {prepare_job(args.task, overrides, args.cluster, Path(args.results), slurm)}"
+    )
     return 0
 
 
@@ -353,6 +391,17 @@ def cmd_coverage(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_grid_arguments(p: argparse.ArgumentParser) -> None:
+    """The grid of a ``bench run`` (and of its ``bench plan``)."""
+    p.add_argument("--sweep", default=None, help="a sweep name (sweeps/NAME.yaml) or YAML path")
+    p.add_argument("--task", default=None, help="task name (bench list tasks); default: lexicon")
+    p.add_argument("--methods", default=None, help="'all' (default) or a comma list (bench list methods)")
+    p.add_argument("--seeds", type=parse_seeds, default=None, help="e.g. 0,1,2 or 0-4; default: 0")
+    p.add_argument("--radii", default=None, help="radii for every robust method's own knob, e.g. 0.01,0.1")
+    p.add_argument("--sizes", default=None, help="model sizes (the task's size key), e.g. tiny,small")
+    p.add_argument("--scales", default=None, help="data scales (task.n), e.g. 100,200")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bench",
@@ -370,13 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train and evaluate a grid of cells (methods x radii x sizes x scales x seeds)",
         epilog=EPILOG + " slurm.KEY=VALUE overrides set SLURM resources (slurm.partition=gpu).",
     )
-    p.add_argument("--sweep", default=None, help="a sweep name (sweeps/NAME.yaml) or YAML path")
-    p.add_argument("--task", default=None, help="task name (bench list tasks); default: lexicon")
-    p.add_argument("--methods", default=None, help="'all' (default) or a comma list (bench list methods)")
-    p.add_argument("--seeds", type=parse_seeds, default=None, help="e.g. 0,1,2 or 0-4; default: 0")
-    p.add_argument("--radii", default=None, help="radii for every robust method's own knob, e.g. 0.01,0.1")
-    p.add_argument("--sizes", default=None, help="model sizes (the task's size key), e.g. tiny,small")
-    p.add_argument("--scales", default=None, help="data scales (task.n), e.g. 100,200")
+    add_grid_arguments(p)
     p.add_argument(
         "--cluster",
         default="local",
@@ -389,6 +432,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser(
+        "plan",
+        help="estimated peak GPU memory and time per iteration of every cell of a run, and a verdict",
+        epilog=EPILOG,
+    )
+    add_grid_arguments(p)
+    p.add_argument(
+        "--gpu",
+        default="auto",
+        help="the GPU to plan for: H100, H200, A100, A100-40, L40S (default: the local GPU, else an "
+        "slurm.gpu_mem_gb GPU timed as an H100)",
+    )
+    p.add_argument("--gpu-mem", type=float, default=None, help="its memory in GB, if not the datasheet's")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser(
         "tune", help="Optuna search of a method's radius on validation mixtures", epilog=EPILOG
@@ -434,8 +493,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", default="results")
     p.set_defaults(fn=cmd_perf)
 
-    p = sub.add_parser("prepare", help="a task's one-time stages (SFT policy, reward classifier), cached")
+    p = sub.add_parser(
+        "prepare",
+        help="a task's one-time stages (SFT policy, reward classifier), cached; run as a job",
+        epilog=EPILOG + " slurm.KEY=VALUE overrides set SLURM resources.",
+    )
     p.add_argument("task")
+    p.add_argument(
+        "--cluster",
+        default="local",
+        choices=["debug", "local", "slurm"],
+        help="where the preparation job runs (local: a subprocess, given one GPU if the task asks for one)",
+    )
+    p.add_argument("--results", default="results", help="results folder (its .prepare/ holds the job logs)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=cmd_prepare)
 
@@ -464,8 +534,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting ``key=value`` overrides stand anywhere (argparse stops collecting a positional
+    list at the first option: ``bench prepare emotion --cluster slurm task.size=gpt2``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     try:
         return args.fn(args)
     except (UnknownNameError, ConfigError, FileNotFoundError, HubUnavailable) as err:

@@ -1,15 +1,23 @@
 """ArmoRM multi-objective alignment: HelpSteer2 prompts, Llama-3.2 Instruct policies, and the 19
 objective heads plus the MoE score of RLHFlow/ArmoRM-Llama3-8B-v0.1 as the reward panel.
 
-ArmoRM runs custom modelling code from the Hub, so it loads only with the explicit opt-in
-``task.trust_remote_code=true``. It is scored in bf16, in batches, on [user: prompt, assistant:
-response] through its chat template, behind an optional persistent score cache. Training mixes a
-random ordered pair of seen objectives per prompt with ``alpha0``; evaluation covers five
-objectives with at least three unseen, plus the alpha grid of the seen pair.
+ArmoRM is scored by our own implementation of its published model (``tasks.armorm_model``): its
+config.json and safetensors are read by parameter name and no code from the Hub runs. Its modelling
+code can still be used as an explicit alternative, ``task.trust_remote_code=true``.
+
+The reward model sees the raw HelpSteer2 prompt, not the policy's templated prompt (BOS, a system block
+with today's date, an assistant header): the panel maps each policy prompt back to its raw text, so
+scores and the score cache do not depend on the policy template or the calendar. Each (prompt,
+response) is scored as [user: prompt, assistant: response] in ArmoRM's chat template, in bf16, in
+chunks of ``reward_batch``, right-padded and right-truncated to ``reward_max_length`` tokens (as the
+DRO-REBEL scorer does), behind an optional persistent score cache. Training mixes a random ordered pair
+of seen objectives per prompt with ``alpha0``; evaluation covers five objectives with at least three
+unseen, plus the alpha grid of the seen pair.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +25,7 @@ from torch import Tensor
 
 from bench.core.artifacts import cache_dir
 from bench.core.lm import Sampling
+from tasks.armorm_model import GATING_TEXT, HEAD_DEFAULTS, PUBLISHED_GATING_IDS, load_armorm
 from tasks.hub import (
     PAPER_DEFAULTS,
     PromptTask,
@@ -28,7 +37,8 @@ from tasks.hub import (
 )
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
-from tasks.registry import TaskSpec, register_task
+from tasks.registry import ModelSpec, TaskSpec, register_task
+from tasks.shapes import config_of, policy_and_reference
 
 HEADS = (
     "helpsteer-helpfulness",
@@ -58,12 +68,13 @@ ARMORM = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
 
 @dataclass
 class ArmoRMConfig:
-    size: str = "1b"  # 1b | 3b, or a local model folder
+    size: str = "1b"  # 1b | 3b (any case), or a local model folder
     dataset: str = "nvidia/HelpSteer2"  # or a local folder of train/validation.jsonl
-    reward_model: str = ARMORM
-    trust_remote_code: bool = False  # ArmoRM's modelling code comes from the Hub: opt in explicitly
+    reward_model: str = ARMORM  # a Hub id or a local folder in the published ArmoRM layout
+    trust_remote_code: bool = False  # true: run ArmoRM's own modelling code from the Hub instead
     reward_dtype: str = "bfloat16"
     reward_batch: int = 8
+    reward_max_length: int = 1024  # tokens of [user, assistant] kept (right truncation)
     score_cache: bool = True
     n: int = 512
     n_val: int = 64
@@ -93,62 +104,126 @@ class ArmoRMConfig:
             raise ValueError(
                 "task.evaluate needs at least 3 objectives unseen in training (preference shift)"
             )
-        if self.reward_model == ARMORM and not self.trust_remote_code:
-            raise ValueError(
-                f"{ARMORM} runs custom code from the Hub: set task.trust_remote_code=true to allow it"
-            )
+        if self.reward_batch < 1 or self.reward_max_length < 8:
+            raise ValueError("task.reward_batch must be >= 1 and task.reward_max_length >= 8")
+
+
+def policy_id(cfg: ArmoRMConfig) -> str:
+    """The policy preset's Hub id (``1b``/``3b`` in any case), or ``task.size`` itself (a folder)."""
+    return SIZES.get(cfg.size.lower(), cfg.size)
 
 
 class ArmoRMPanel:
-    """19 objective rewards and the MoE score per (prompt, response); a plain classifier with 20
-    labels (a test stand-in) is read from its logits."""
+    """The 19 objective rewards and the gated score of ArmoRM per (raw prompt, response)."""
 
     def __init__(self, cfg: ArmoRMConfig):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.names = list(HEADS)
-        kwargs = {"trust_remote_code": cfg.trust_remote_code}
-        self.tok = from_pretrained(AutoTokenizer, cfg.reward_model, "ArmoRM tokenizer", **kwargs)
-        dtype = getattr(torch, cfg.reward_dtype)
-        self.model = (
-            from_pretrained(
-                AutoModelForSequenceClassification, cfg.reward_model, "ArmoRM", dtype=dtype, **kwargs
-            )
-            .to(reward_device())
-            .eval()
-        )
+        self.batch, self.max_length = cfg.reward_batch, cfg.reward_max_length
+        self.tok = from_pretrained(AutoTokenizer, cfg.reward_model, "ArmoRM tokenizer")
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
-        self.model.config.pad_token_id = self.tok.pad_token_id
-        self.batch = cfg.reward_batch
+        self.pattern = self.tok.encode(GATING_TEXT, add_special_tokens=False)
+        if cfg.reward_model == ARMORM and tuple(self.pattern) != PUBLISHED_GATING_IDS:
+            raise ValueError(
+                f"the {ARMORM} tokenizer encodes the gating pattern as {self.pattern}, not as the "
+                f"published {list(PUBLISHED_GATING_IDS)}"
+            )
+        dtype = getattr(torch, cfg.reward_dtype)
+        self.model = (
+            self._remote(cfg, dtype)
+            if cfg.trust_remote_code
+            else load_armorm(cfg.reward_model, dtype, reward_device(), self.pattern)
+        )
+
+    def _remote(self, cfg: ArmoRMConfig, dtype: torch.dtype):
+        """ArmoRM's own modelling code from the Hub (explicit opt-in)."""
+        from transformers import AutoModelForSequenceClassification
+
+        model = from_pretrained(
+            AutoModelForSequenceClassification,
+            cfg.reward_model,
+            "ArmoRM",
+            dtype=dtype,
+            trust_remote_code=True,
+        )
+        model.config.pad_token_id = self.tok.pad_token_id
+        return model.to(reward_device()).eval()
+
+    def encode(self, prompts: list[str], responses: list[str]) -> dict[str, Tensor]:
+        """[user: prompt, assistant: response] in ArmoRM's chat template, right-padded and truncated."""
+        chats = [
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        texts = [self.tok.apply_chat_template(c, tokenize=False) for c in chats]
+        return self.tok(
+            texts,
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            padding_side="right",
+            add_special_tokens=False,  # the template has the BOS
+        )
+
+    def fits(self, prompt: str) -> bool:
+        """Whether ``prompt`` in ArmoRM's chat template fits ``task.reward_max_length`` tokens: a longer
+        one would lose, to truncation, the assistant turn that ArmoRM's gate reads."""
+        chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": ""}]
+        return len(self.tok.apply_chat_template(chat, tokenize=True, return_dict=False)) <= self.max_length
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
+        """[N, 20]: the 19 rewards and the gated score, float64 on the CPU."""
         device = next(self.model.parameters()).device
         out = []
         for lo in range(0, len(prompts), self.batch):
-            chats = [
-                [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-                for p, r in zip(prompts[lo : lo + self.batch], responses[lo : lo + self.batch], strict=True)
-            ]
-            texts = [self.tok.apply_chat_template(c, tokenize=False) for c in chats]
-            enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            res = self.model(**enc)
-            if hasattr(res, "rewards"):
-                heads = torch.cat([res.rewards.float(), res.score.float().view(-1, 1)], dim=1)
-            else:
-                heads = res.logits.float()[:, : len(HEADS)]
-            out.append(heads)
+            enc = self.encode(prompts[lo : lo + self.batch], responses[lo : lo + self.batch]).to(device)
+            res = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            out.append(torch.cat([res.rewards.float(), res.score.float().view(-1, 1)], dim=1))
         return torch.cat(out).double().cpu()
+
+
+class RawPromptPanel:
+    """The reward panel of the raw prompts: each policy-templated prompt text is mapped back to its raw
+    HelpSteer2 text before scoring (and before the score cache keys on it)."""
+
+    def __init__(self, panel, raw: dict[str, str]):
+        self.panel, self.names = panel, panel.names
+        self.raw = raw | {r: r for r in raw.values()}  # the raw prompts themselves are accepted too
+
+    def raw_prompt(self, text: str) -> str:
+        try:
+            return self.raw[text]
+        except KeyError:
+            raise KeyError(
+                f"prompt not from this task's splits (no raw HelpSteer2 prompt): {text[:80]!r}"
+            ) from None
+
+    def score(self, prompts: list[str], responses: list[str]) -> Tensor:
+        return self.panel.score([self.raw_prompt(p) for p in prompts], responses)
+
+
+def cache_name(cfg: ArmoRMConfig) -> str:
+    """The score file: one per reward model and scoring setting (dtype, window, implementation)."""
+    impl = "remote" if cfg.trust_remote_code else "native"
+    name = cfg.reward_model.strip("/").replace("/", "--")
+    return f"{name}--{impl}-{cfg.reward_dtype}-L{cfg.reward_max_length}-raw.jsonl"
 
 
 def build(cfg: ArmoRMConfig) -> PromptTask:
     cfg.validate()
     rows = load_splits(cfg.dataset, {"train": "train", "validation": "validation"})
-    policy = SIZES.get(cfg.size, cfg.size)
+    policy = policy_id(cfg)
     from transformers import AutoTokenizer
 
     tok = from_pretrained(AutoTokenizer, policy, "policy tokenizer")
+    raw: dict[str, str] = {}
+
+    armorm = ArmoRMPanel(cfg)
+    too_long: list[str] = []
 
     def prompts(items: list[dict]) -> list[Prompt]:
         seen, out = set(), []
@@ -156,9 +231,13 @@ def build(cfg: ArmoRMConfig) -> PromptTask:
             if r["prompt"] in seen:  # HelpSteer2 has several responses per prompt
                 continue
             seen.add(r["prompt"])
+            if not armorm.fits(r["prompt"]):
+                too_long.append(r["prompt"])
+                continue
             chat = tok.apply_chat_template(
                 [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
             )
+            raw[chat] = r["prompt"]
             out.append(Prompt(chat, 0, len(out)))
         return out
 
@@ -168,10 +247,13 @@ def build(cfg: ArmoRMConfig) -> PromptTask:
         "val": take(held_out[1::2], cfg.n_val, "task.n_val"),
         "test": take(held_out[0::2], cfg.n_test, "task.n_test"),
     }
-    panel = ArmoRMPanel(cfg)
-    if cfg.score_cache:
-        name = cfg.reward_model.replace("/", "--")
-        panel = ScoreCache(panel, cache_dir() / "armorm-scores" / f"{name}.jsonl")
+    if too_long:
+        warnings.warn(
+            f"armorm: {len(too_long)} prompts longer than task.reward_max_length={cfg.reward_max_length} "
+            "tokens in ArmoRM's chat template were left out (their gate position would be truncated away)",
+            stacklevel=2,
+        )
+    panel = ScoreCache(armorm, cache_dir() / "armorm-scores" / cache_name(cfg)) if cfg.score_cache else armorm
     idx = {h: i for i, h in enumerate(HEADS)}
     protocol = pair_protocol(
         list(HEADS),
@@ -181,8 +263,22 @@ def build(cfg: ArmoRMConfig) -> PromptTask:
         evaluate=tuple(idx[e] for e in cfg.evaluate),
     )
     return PromptTask(
-        splits, panel, protocol, Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p), policy
+        splits,
+        RawPromptPanel(panel, raw),
+        protocol,
+        Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
+        policy,
     )
+
+
+def armorm_models(cfg: ArmoRMConfig) -> list[ModelSpec]:
+    """What a cell holds, by published shape (no download): the Llama-3.2 Instruct policy and its frozen
+    reference, and ArmoRM (a Llama-3-8B backbone with 19 objective heads and the gating MLP)."""
+    reward = {**HEAD_DEFAULTS, "rms_norm_eps": 1e-5} | config_of(cfg.reward_model)
+    return [
+        *policy_and_reference(policy_id(cfg)),
+        ModelSpec("reward", reward | {"num_labels": len(HEADS) - 1}, cfg.reward_model),
+    ]
 
 
 register_task(
@@ -191,7 +287,7 @@ register_task(
         config_cls=ArmoRMConfig,
         builder=build,
         trainer="lm",
-        needs="nvidia/HelpSteer2, Llama-3.2-1B/3B-Instruct (gated), ArmoRM-Llama3-8B (remote code); GPUs",
+        needs="nvidia/HelpSteer2, Llama-3.2-1B/3B-Instruct (gated), ArmoRM-Llama3-8B weights; a GPU",
         description="HelpSteer2 prompts; Llama-3.2 Instruct; ArmoRM 19 objectives + MoE score",
         defaults=(
             *PAPER_DEFAULTS,
@@ -200,7 +296,12 @@ register_task(
             "method.eta=0.01",
             "method.beta=1.0",
             "method.labels=argmax",
+            # 1B policy + reference + the 8B scorer on one 80 GB GPU (see `bench plan --task armorm`)
+            "train.grad_checkpointing=true",
+            "train.micro_batch=8",
         ),
         size_key="task.size",
+        gpus=1,
+        models=armorm_models,
     )
 )

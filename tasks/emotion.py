@@ -17,7 +17,8 @@ from tasks.finetune import finetune_lm, train_classifier
 from tasks.hub import PAPER_DEFAULTS, PromptTask, SequenceClassifierPanel, load_splits, take
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
-from tasks.registry import TaskSpec, register_task
+from tasks.registry import ModelSpec, TaskSpec, register_task
+from tasks.shapes import config_of, policy_and_reference
 
 EMOTIONS = ("sadness", "joy", "love", "anger", "fear", "surprise")  # dair-ai/emotion label ids 0..5
 SIZES = {"gpt2": "gpt2", "gpt2-medium": "gpt2-medium", "gpt2-large": "gpt2-large"}
@@ -138,5 +139,10 @@ register_task(
         defaults=(*PAPER_DEFAULTS, "method.eta=0.01", "method.beta=0.1"),
         size_key="task.size",
         preparer=prepare,
+        gpus=1,
+        models=lambda cfg: [
+            *policy_and_reference(_policy_base(cfg)),
+            ModelSpec("reward", config_of(cfg.reward_base) | {"num_labels": len(EMOTIONS)}, cfg.reward_base),
+        ],
     )
 )

@@ -13,7 +13,8 @@ from tasks.finetune import finetune_lm
 from tasks.hub import PAPER_DEFAULTS, PromptTask, SequenceClassifierPanel, StackedPanel, load_splits, take
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
-from tasks.registry import TaskSpec, register_task
+from tasks.registry import ModelSpec, TaskSpec, register_task
+from tasks.shapes import config_of, policy_and_reference
 
 SIZES = {
     "gpt2": "gpt2",
@@ -125,5 +126,13 @@ register_task(
         defaults=(*PAPER_DEFAULTS, "method.eta=0.01", "method.beta=0.1"),
         size_key="task.size",
         preparer=prepare,
+        gpus=1,
+        models=lambda cfg: [
+            *policy_and_reference(SIZES.get(cfg.size, cfg.size)),
+            *(
+                ModelSpec("reward", config_of(rm) | {"num_labels": 1}, rm)
+                for rm in (cfg.helpful_rm, cfg.harmless_rm)
+            ),
+        ],
     )
 )

@@ -4,12 +4,15 @@ import json
 
 import pytest
 import torch
+from _armorm_standin import write_armorm, write_policy
 from transformers import GPT2Config, GPT2ForSequenceClassification
 
 from bench.cli import main
+from bench.harness.plan import sized_resources
 from bench.harness.records import read_json
 from bench.harness.runner import Cell, record_path, run_cell
 from bench.harness.sweep import load_sweep
+from tasks.armorm import HEADS
 from tasks.hub import HubUnavailable, ScoreCache
 from tasks.lexicon.corpus import sentences
 from tasks.lexicon.presets import load_policy
@@ -42,7 +45,7 @@ def standins(tmp_path_factory):
     tok.chat_template = CHAT
     model.save_pretrained(root / "base")
     tok.save_pretrained(root / "base")
-    for i, (name, labels) in enumerate((("armorm-rm", 20), ("helpful-rm", 1), ("harmless-rm", 1))):
+    for i, (name, labels) in enumerate((("helpful-rm", 1), ("harmless-rm", 1)), start=1):
         cfg = GPT2Config.from_pretrained(root / "base", num_labels=labels, pad_token_id=tok.pad_token_id)
         torch.manual_seed(i)
         GPT2ForSequenceClassification(cfg).save_pretrained(root / name)
@@ -60,11 +63,18 @@ def standins(tmp_path_factory):
                 for t in rows
             ],
         )
+    # ArmoRM: a tiny checkpoint in the published layout, tiny Llama policies whose chat templates differ by
+    # the date in their system block (as Llama-3.2's does from day to day), HelpSteer2-shaped rows
+    write_armorm(root / "armorm-rm", seed=1)
+    write_policy(root / "llama", date="01 Dec 2026")
+    write_policy(root / "llama-next-day", date="02 Dec 2026")
+    grades = dict.fromkeys(("helpfulness", "correctness", "coherence", "complexity", "verbosity"), 2)
+    rows = [{"prompt": t, "response": f"ok {j}", **grades} for t in texts[:50] for j in (0, 1)]
+    jsonl(root / "helpsteer" / "train.jsonl", rows)
     jsonl(
-        root / "helpsteer" / "train.jsonl",
-        [{"prompt": t, "response": "ok"} for t in texts[:50] for _ in (0, 1)],
+        root / "helpsteer" / "validation.jsonl",
+        [{"prompt": t, "response": "ok", **grades} for t in texts[50:]],
     )
-    jsonl(root / "helpsteer" / "validation.jsonl", [{"prompt": t, "response": "ok"} for t in texts[50:]])
     return root
 
 
@@ -88,7 +98,7 @@ def test_emotion_prepare_then_run(standins, tmp_path):
         from bench.loops.config import build_config
 
         tasks.get("emotion").build(build_config("emotion", "rebel", task).task)
-    assert main(["prepare", "emotion", *task]) == 0
+    assert main(["prepare", "emotion", "--results", str(tmp_path), *task]) == 0
     cell = Cell("emotion", "chi2-rebel", 0, (*task, *TRAIN))
     run_cell(cell, tmp_path)
     rec = finished(cell, tmp_path)
@@ -101,17 +111,21 @@ def test_emotion_prepare_then_run(standins, tmp_path):
     finished(geo, tmp_path)
 
 
-def test_armorm_with_a_stand_in_reward_model_and_the_score_cache(standins, tmp_path, monkeypatch):
+def test_armorm_native_scorer_on_raw_prompts_and_the_score_cache(standins, tmp_path, monkeypatch):
+    """One armorm cell on local stand-ins, through the real task code; the reward model sees the raw
+    prompt, so a score (and its cache entry) does not depend on the policy's template or the date."""
     monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
     task = (
         f"task.dataset={standins / 'helpsteer'}",
-        f"task.size={standins / 'base'}",
+        f"task.size={standins / 'llama'}",
         f"task.reward_model={standins / 'armorm-rm'}",
         "task.reward_dtype=float32",
+        "task.reward_batch=3",
     )
     cell = Cell("armorm", "kl-rebel", 0, (*task, *TRAIN))
     run_cell(cell, tmp_path)
     rec = finished(cell, tmp_path)
+    assert rec["metrics"]["objectives"] == list(HEADS) and len(HEADS) == 20
     names = [m for m in rec["metrics"]["mixtures"]]
     assert any("helpsteer-coherence" in n for n in names) and any("ArmoRM" in n for n in names)
     cache = next((tmp_path / "cache" / "armorm-scores").glob("*.jsonl"))
@@ -120,14 +134,27 @@ def test_armorm_with_a_stand_in_reward_model_and_the_score_cache(standins, tmp_p
     import tasks
     from bench.loops.config import build_config
 
-    built = tasks.get("armorm").build(build_config("armorm", "rebel", (*task, *TRAIN)).task)
-    assert isinstance(built.panel, ScoreCache)
-    prompt = built.prompts("test")[0].text
-    assert prompt.startswith("user: ") and prompt.endswith("assistant:"), "the chat template is applied"
-    first = built.score([prompt, prompt], ["hello there", "hello there"])
+    def built(size: str):
+        over = (*task, *TRAIN, f"task.size={standins / size}")
+        return tasks.get("armorm").build(build_config("armorm", "rebel", over).task)
+
+    today, tomorrow = built("llama"), built("llama-next-day")
+    prompt, later = today.prompts("test")[0].text, tomorrow.prompts("test")[0].text
+    assert "Today Date: 01 Dec 2026" in prompt and "Today Date: 02 Dec 2026" in later
+    raw = today.panel.raw_prompt(prompt)
+    assert raw == tomorrow.panel.raw_prompt(later) and raw in prompt and "<|" not in raw
+    assert isinstance(today.panel.panel, ScoreCache)
+    first = today.score([prompt, prompt], ["hello there", "hello there"])
     assert first.shape == (2, 20) and torch.equal(first[0], first[1])
-    again = built.score([prompt], ["hello there"])
-    assert torch.equal(again[0], first[0]) and cache.read_text().count("\n") == lines + 1
+    assert ScoreCache.key(raw, "hello there") in cache.read_text(), "the cache keys on the raw prompt"
+    assert cache.read_text().count("\n") == lines + 1
+    again = tomorrow.score([later, raw], ["hello there", "hello there"])
+    assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[0])
+    assert cache.read_text().count("\n") == lines + 1, "the next day's template hits the same entry"
+    direct = today.panel.panel.panel.score([raw], ["hello there"])  # the ArmoRM panel, uncached
+    torch.testing.assert_close(direct[0], first[0])
+    with pytest.raises(KeyError, match="not from this task's splits"):
+        today.score(["some other prompt"], ["hello there"])
 
 
 def test_hh_prepare_then_run(standins, tmp_path):
@@ -139,7 +166,7 @@ def test_hh_prepare_then_run(standins, tmp_path):
         "task.sft_epochs=1",
         "task.prep_batch=16",
     )
-    assert main(["prepare", "hh", *task]) == 0
+    assert main(["prepare", "hh", "--results", str(tmp_path), *task]) == 0
     cell = Cell("hh", "wdpo", 0, (*task, *TRAIN))
     run_cell(cell, tmp_path)
     rec = finished(cell, tmp_path)
@@ -147,16 +174,27 @@ def test_hh_prepare_then_run(standins, tmp_path):
     assert rec["samples"]["before"][0]["prompt"].startswith("Human: ")
 
 
-def test_offline_hub_tasks_fail_fast_with_instructions(monkeypatch):
+def test_offline_hub_tasks_fail_fast_with_instructions(standins, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from tasks.hub import load_splits
 
     with pytest.raises(HubUnavailable, match="huggingface-cli download --repo-type dataset dair-ai/emotion"):
         load_splits("dair-ai/emotion", {"train": "train"})
-    assert main(["run", "--task", "armorm", "--methods", "rebel", "--cluster", "debug"]) == 2  # no trust
+    import tasks
+    from bench.loops.config import build_config
+
+    with pytest.raises(HubUnavailable, match=r"huggingface-cli download RLHFlow/ArmoRM-Llama3-8B-v0\.1"):
+        tasks.get("armorm").build(
+            build_config(
+                "armorm",
+                "rebel",
+                (f"task.dataset={standins / 'helpsteer'}", f"task.size={standins / 'llama'}", *TRAIN),
+            ).task
+        )
 
 
 def test_paper_sweeps_validate():
     for name, task in (("paper-emotion", "emotion"), ("paper-armorm", "armorm"), ("paper-hh", "hh")):
         sweep = load_sweep(name)
-        assert sweep.config.task == task and sweep.config.slurm.gpus_per_task >= 1 and len(sweep.cells) >= 30
+        resources = sized_resources(sweep.cells, sweep.config.slurm)  # from the task, not the file
+        assert sweep.config.task == task and resources.gpus_per_task >= 1 and len(sweep.cells) >= 30

@@ -130,7 +130,8 @@ def test_offline_reference_data_is_computed_once_and_refused_when_stale(tmp_path
 
 def test_prev_iterate_anchor_equals_an_explicit_forward_of_the_sampling_policy():
     import methods
-    from bench.loops.train import PairBatch, chunked_logps
+    from bench.core.lm import chunked_logps
+    from bench.loops.train import PairBatch
     from tasks.lexicon.presets import load_policy
 
     policy, tok = load_policy("tiny", steps=60)

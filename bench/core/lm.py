@@ -117,3 +117,24 @@ def sequence_logps(
 ) -> Tensor:
     """``log pi(response | prompt)`` per row ``[B]``."""
     return token_logps(model, batch, temperature, inputs_embeds).sum(-1)
+
+
+LOGIT_BUDGET_BYTES = 2**30  # fp32 logits (and their softmax temporaries) one no-grad forward may hold
+
+
+@torch.no_grad()
+def chunked_logps(model, seqs: SequenceBatch, temperature: float = 1.0, chunk: int = 0) -> Tensor:
+    """``sequence_logps`` over row chunks of at most ``chunk`` rows (0: no cap) and never more than
+    keep ``rows x T x V x 12`` bytes of logits under ``LOGIT_BUDGET_BYTES``, so a long evaluation
+    or a large batch of anchors is scored in bounded memory."""
+    rows, width = seqs.input_ids.shape
+    vocab = model.get_output_embeddings().weight.shape[0]
+    fit = max(1, LOGIT_BUDGET_BYTES // (12 * vocab * width))
+    chunk = min(chunk or rows, fit)
+    parts = []
+    for lo in range(0, rows, chunk):
+        sub = SequenceBatch(
+            *(t[lo : lo + chunk] for t in (seqs.input_ids, seqs.attention_mask, seqs.target_mask))
+        )
+        parts.append(sequence_logps(model, sub, temperature))
+    return torch.cat(parts)

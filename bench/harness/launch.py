@@ -3,8 +3,9 @@
 One code path for every cluster: the submitted callable is ``CellJob`` (checkpointable), whose
 arguments are cells and the results root. Cells whose record says completed are skipped, and on
 SLURM so are cells whose job is still pending or running, so re-running a command submits only
-what is missing or failed. Locally, cells are dealt round-robin into at most one job per core and
-the command waits with a progress bar; on SLURM each cell is one array task (arrays chunked under
+what is missing or failed. Locally, cells are dealt round-robin into at most one job per core (for
+a task that asks for a GPU: one job per visible GPU, each seeing only its own) and the command
+waits with a progress bar; on SLURM each cell is one array task (arrays chunked under
 the cluster's size limit, ``max_running`` at a time) and the command returns at once, having
 written the job ids into the sweep's folder (``results/.sweeps/<name>/jobs.json``).
 """
@@ -25,6 +26,8 @@ import submitit
 from submitit.helpers import Checkpointable
 from tqdm import tqdm
 
+import tasks
+from bench.harness.plan import local_gpu, refuse_what_cannot_fit, sized_resources, slurm_gpu
 from bench.harness.records import read_json, write_json_atomic
 from bench.harness.runner import Cell, record_path, run_cells
 from bench.harness.sweep import SlurmConfig
@@ -145,16 +148,40 @@ def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     return states
 
 
+def visible_gpu_ids() -> list[int]:
+    """The GPUs local jobs may use: ``CUDA_VISIBLE_DEVICES`` as given, else every CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    try:
+        return (
+            [int(x) for x in env.split(",") if x.strip()] if env else list(range(torch.cuda.device_count()))
+        )
+    except ValueError:  # GPU UUIDs: the jobs inherit the variable and share the devices
+        return []
+
+
+def needs_gpu(cells: list[Cell]) -> bool:
+    return any(tasks.get(c.task).gpus > 0 for c in cells)
+
+
 def make_executor(
-    cluster: str, folder: Path, timeout_min: int, slurm: SlurmConfig | None
+    cluster: str, folder: Path, timeout_min: int, slurm: SlurmConfig | None, cells: list[Cell] = ()
 ) -> submitit.Executor:
+    """An executor for ``cells``: on SLURM with the resources the cells' tasks need (``slurm`` wins)."""
     if cluster not in CLUSTERS:
         raise ValueError(f"unknown cluster {cluster!r}; known: {', '.join(CLUSTERS)}")
-    if cluster != "slurm":
+    if cluster == "local":  # the plain local executor: it takes which GPUs a job sees
+        executor = submitit.LocalExecutor(folder=folder / "submitit" / "%j")
+        executor.update_parameters(timeout_min=timeout_min)
+        return executor
+    if cluster == "debug":
         executor = submitit.AutoExecutor(folder=folder / "submitit" / "%j", cluster=cluster)
         executor.update_parameters(timeout_min=timeout_min)
         return executor
-    s = slurm or SlurmConfig()
+    s = sized_resources(list(cells), slurm or SlurmConfig())
     executor = submitit.AutoExecutor(
         folder=folder / "submitit" / "%j", cluster="slurm", slurm_max_num_timeout=s.max_timeouts
     )
@@ -218,7 +245,12 @@ def launch(
     report = LaunchReport(pending, skipped, in_flight)
     if not pending:
         return report
-    executor = make_executor(cluster, folder, timeout_min, slurm)
+    slots = visible_gpu_ids() if cluster == "local" and needs_gpu(pending) else []
+    if cluster == "slurm":
+        refuse_what_cannot_fit(pending, slurm_gpu(slurm or SlurmConfig()))
+    elif slots:
+        refuse_what_cannot_fit(pending, local_gpu())
+    executor = make_executor(cluster, folder, timeout_min, slurm, pending)
     started = time.time()
     if cluster == "slurm":
         groups = [[c] for c in pending]
@@ -228,9 +260,9 @@ def launch(
             chunk = groups[lo : lo + limit]
             jobs += executor.map_array(CellJob(), chunk, [str(root)] * len(chunk))
     else:
-        n_jobs = 1 if cluster == "debug" else min(len(pending), workers or usable_cores())
+        n_jobs = 1 if cluster == "debug" else min(len(pending), workers or local_slots(pending, slots))
         groups = [pending[i::n_jobs] for i in range(n_jobs)]
-        jobs = executor.map_array(CellJob(), groups, [str(root)] * n_jobs)
+        jobs = submit_groups(executor, CellJob(), groups, str(root), slots if cluster == "local" else [])
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     for job, group in zip(jobs, groups, strict=True):
         for cell in group:
@@ -244,6 +276,47 @@ def launch(
     for job in jobs:  # the debug executor runs a job when its result is asked for
         report.job_errors += _result(job)
     return report
+
+
+def local_slots(cells: list[Cell], gpus: list[int]) -> int:
+    """Parallel local jobs by default: one per core; for a GPU task one per visible GPU, or one at a
+    time on CPU when there is none (each would load the task's large models into host memory)."""
+    if not needs_gpu(cells):
+        return usable_cores()
+    return max(1, len(gpus))
+
+
+def submit_groups(executor, fn, groups: list, root: str, gpus: list[int]) -> list[submitit.Job]:
+    """One job per group; with ``gpus``, job i sees only GPU ``gpus[i % len(gpus)]``. Without,
+    submitit's local executor hides every GPU, which is what a CPU task wants."""
+    if not gpus:
+        return executor.map_array(fn, groups, [root] * len(groups))
+    jobs = []
+    for i, group in enumerate(groups):
+        executor.update_parameters(gpus_per_node=1, visible_gpus=(gpus[i % len(gpus)],))
+        jobs.append(executor.submit(fn, group, root))
+    return jobs
+
+
+def _prepare(task: str, overrides: list[str]) -> str:
+    from bench.loops.config import build_config
+
+    return tasks.get(task).prepare(build_config(task, "rebel", overrides).task)
+
+
+def prepare_job(task: str, overrides: list[str], cluster: str, root: Path, slurm: SlurmConfig | None) -> str:
+    """``bench prepare`` as one job on ``cluster`` (with the task's GPU, on SLURM or locally), waited
+    for; returns the prepared artifact folder."""
+    cell = Cell(task, "rebel", 0, tuple(overrides))
+    folder = Path(root).resolve() / ".prepare" / task
+    executor = make_executor(cluster, folder, 24 * 60, slurm, [cell])
+    slots = visible_gpu_ids() if cluster == "local" and needs_gpu([cell]) else []
+    if slots:
+        executor.update_parameters(gpus_per_node=1, visible_gpus=(slots[0],))
+    job = executor.submit(_prepare, task, list(overrides))
+    if cluster != "debug":
+        print(f"preparation job {job.job_id} on {cluster}; logs under {folder / 'submitit'}")
+    return job.result()
 
 
 def _result(job: submitit.Job) -> list[str]:

@@ -38,15 +38,19 @@ SWEEP_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 
 @dataclass
 class SlurmConfig:
-    """Resources of each array task and how the array is shaped (see the README's sbatch block)."""
+    """Resources of each array task and how the array is shaped (see the README's sbatch block).
+
+    The four resources left at None are sized from the cells' task by ``bench.harness.plan``
+    (the paper tasks: one GPU, host memory and time from the model; lexicon and linear: CPU)."""
 
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
-    gpus_per_task: int = 0
-    cpus_per_task: int = 1
-    mem_gb: float = 4.0
-    time_min: int = 60
+    gpus_per_task: int | None = None
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    time_min: int | None = None
+    gpu_mem_gb: float = 80.0  # memory of the GPUs the partition gives: cells that cannot fit are refused
     array_limit: int = 1000  # the cluster's MaxArraySize: larger sweeps become several arrays
     max_running: int = 64  # array tasks running at once (%N)
     signal_delay_s: int = 90  # USR2 this long before the time limit: checkpoint and requeue

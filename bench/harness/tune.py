@@ -269,7 +269,7 @@ def run_tuning(
         for i, n in enumerate(shares):
             tune_worker(spec, n, i)
     elif shares:
-        executor = make_executor(cluster, spec.folder, timeout_min, slurm)
+        executor = make_executor(cluster, spec.folder, timeout_min, slurm, [trial_cell(spec, {})])
         jobs = executor.map_array(tune_worker, [spec] * len(shares), shares, list(range(len(shares))))
         for job in jobs:
             job.result()

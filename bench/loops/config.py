@@ -93,6 +93,7 @@ class TrainConfig:
     save_model: bool = False  # keep the final policy in the run folder (for `bench eval`)
     lmeval_tasks: list[str] = field(default_factory=list)  # capability tasks scored in memory at the end
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA with bf16, else fp32
+    grad_checkpointing: bool = False  # recompute each layer in the backward: activations ~ 1/L
 
 
 @dataclass

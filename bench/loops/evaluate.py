@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from bench.core.lm import sample, sequence_batch, token_logps
+from bench.core.lm import chunked_logps, sample, sequence_batch
 from tasks.mixtures import Mixture, Protocol
 
 
@@ -153,9 +153,9 @@ def evaluate_lm(
         next(policy.parameters()).device
     )
     temperature = task.sampling.temperature
-    diff = token_logps(policy, seqs, temperature) - token_logps(reference, seqs, temperature)
+    diff = chunked_logps(policy, seqs, temperature) - chunked_logps(reference, seqs, temperature)
     lengths = seqs.target_mask.sum(1)
-    scores["kl_ref"] = float((diff.sum(1) / lengths).mean())
+    scores["kl_ref"] = float((diff.float() / lengths).mean())
     scores["response_len"] = float(lengths.float().mean())
     train_mix = task.protocol.train.apply(heads_test)
     shown = [

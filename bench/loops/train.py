@@ -21,8 +21,8 @@ from __future__ import annotations
 import copy
 import random
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 from torch import Tensor
 
 import methods
-from bench.core.lm import SequenceBatch, sample, sequence_batch, sequence_logps
+from bench.core.lm import SequenceBatch, chunked_logps, sample, sequence_batch, sequence_logps
 from bench.core.refcache import cached, model_fingerprint
 from bench.core.resources import peak_memory_mb, utilisation
 from bench.loops.callbacks import OnEval
@@ -109,17 +109,6 @@ class PairBatch:
         return methods.pointwise_losses(method, scores, **hparams), inputs
 
 
-@torch.no_grad()
-def chunked_logps(model, seqs: SequenceBatch, temperature: float, chunk: int) -> Tensor:
-    parts = []
-    for lo in range(0, seqs.input_ids.shape[0], chunk):
-        sub = SequenceBatch(
-            *(t[lo : lo + chunk] for t in (seqs.input_ids, seqs.attention_mask, seqs.target_mask))
-        )
-        parts.append(sequence_logps(model, sub, temperature))
-    return torch.cat(parts)
-
-
 def sample_pairs(policy, tok, task, prompts: list, scaler: HeadScaler, gen: torch.Generator, cfg: DictConfig):
     """Two responses per prompt from ``policy``, scored, mixed and labeled: a ``PairBatch``."""
     samples = sample(policy, tok, [p.text for p in prompts], 2, task.sampling)
@@ -185,17 +174,50 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
+class EnterEachTime:
+    """A context made afresh from ``factory`` at every entry: a double backward recomputes a
+    checkpointed layer twice, and a generator-based context can be entered only once."""
+
+    def __init__(self, factory: Callable[[], AbstractContextManager]):
+        self.factory, self.open = factory, []
+
+    def __enter__(self) -> None:
+        self.open.append(self.factory())
+        self.open[-1].__enter__()
+
+    def __exit__(self, *exc) -> bool | None:
+        return self.open.pop().__exit__(*exc)
+
+
+def enable_checkpointing(model, attention: Callable[[], AbstractContextManager] | None = None) -> None:
+    """Recompute each layer in the backward (non-reentrant, so a double backward works). A method
+    that runs its forward under an ``attention`` backend context (the Wasserstein penalty's math
+    SDPA) needs the recompute under the same one, or the saved tensors differ in shape."""
+    kwargs: dict = {"use_reentrant": False}
+    if attention is not None:
+        kwargs["context_fn"] = lambda: (EnterEachTime(attention), EnterEachTime(attention))
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
+def uses_bf16(device: torch.device, name: str) -> bool:
+    """bf16 where asked for (``auto``: on CUDA devices that support it)."""
+    return name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 @contextmanager
 def precision(device: torch.device, name: str) -> Iterator[None]:
-    """bf16 autocast where asked for (``auto``: on CUDA devices that support bf16)."""
-    bf16 = name == "bf16" or (name == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+    """bf16 autocast where ``uses_bf16``: the policy keeps fp32 master weights (its AdamW updates,
+    about lr/|w| = 1e-5/0.02, are far below bf16's resolution of 2^-8), matmuls run in bf16."""
+    with torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, name) else nullcontext():
         yield
 
 
@@ -205,18 +227,28 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
     radius, hparams = method_radius(cfg), loss_kwargs(cfg)
     tc = cfg.train
     device = resolve_device(tc.device)
+    ctx = partial(precision, device, tc.precision)  # generation, scoring and training alike
     temperature = task.sampling.temperature
     chunk = tc.micro_batch or 2 * tc.batch_size
     policy, tok = task.load_policy()
     disable_dropout(policy)
     policy.to(device)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if uses_bf16(device, tc.precision) and device.type == "cuda":
+        reference.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
+    if tc.grad_checkpointing:
+        wasserstein = method.aggregator.kind == "wasserstein"
+        enable_checkpointing(policy, double_backprop_attention if wasserstein else None)
     opt_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[tc.optimizer.value]
     opt = opt_cls(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, tc.warmup)))
     gen = torch.Generator().manual_seed(cfg.seed)
     train_prompts = task.prompts("train")
-    evaluate = partial(evaluate_lm, task=task, tok=tok, reference=reference, seed=cfg.seed)
+
+    def evaluate(model, **kwargs):
+        with ctx():
+            return evaluate_lm(model, task=task, tok=tok, reference=reference, seed=cfg.seed, **kwargs)
+
     ckpt = Path(run_dir) / "checkpoint.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
 
@@ -231,13 +263,17 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         offline, progress = st["offline"], st["progress"]
         progress["resumed_at"].append(st["iteration"])
     else:
-        scaler = (
-            HeadScaler.from_reference(reference, tok, task, cfg.seed) if task.standardize else HeadScaler()
-        )
+        with ctx():
+            scaler = (
+                HeadScaler.from_reference(reference, tok, task, cfg.seed)
+                if task.standardize
+                else HeadScaler()
+            )
         ref_row, before = evaluate(policy, scaler=scaler, iteration=0)
         offline = None
         if tc.data.value == "offline":  # a fixed pair set from the reference, labeled once, cached
-            offline = offline_pairs(reference, tok, task, train_prompts, scaler, cfg, chunk)
+            with ctx():
+                offline = offline_pairs(reference, tok, task, train_prompts, scaler, cfg, chunk)
         sampler = PromptSampler(len(train_prompts), cfg.seed)
         progress = {
             "iteration": 0,
@@ -249,15 +285,14 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         }
     agg_state = progress.get("agg_state") or {}
     timing = progress["timings"]
-    ctx = partial(precision, device, tc.precision)
-
     for it in range(progress["iteration"] + 1, tc.iterations + 1):
         idx = sampler.take(tc.batch_size)
         t0 = time.perf_counter()
         if offline is None:
-            batch, samples = sample_pairs(
-                policy, tok, task, [train_prompts[i] for i in idx], scaler, gen, cfg
-            )
+            with ctx():
+                batch, samples = sample_pairs(
+                    policy, tok, task, [train_prompts[i] for i in idx], scaler, gen, cfg
+                )
             timing["gen_tokens"] += samples.new_tokens
         else:
             sel = torch.tensor(idx)

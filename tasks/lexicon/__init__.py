@@ -18,8 +18,9 @@ from bench.core.lm import Sampling
 from tasks.lexicon import presets, rewards
 from tasks.lexicon.prompts import Prompt, splits
 from tasks.mixtures import Mixture, Protocol, pair_protocol
-from tasks.registry import TaskSpec, register_task
+from tasks.registry import ModelSpec, TaskSpec, register_task
 from tasks.reward_model import LearnedReward
+from tasks.shapes import config_of, policy_and_reference
 
 
 @dataclass
@@ -108,6 +109,21 @@ def with_learned_head(protocol: Protocol) -> Protocol:
     )
 
 
+def lexicon_models(cfg: LexiconConfig) -> list[ModelSpec]:
+    """The policy preset (GPT-2 shapes of ``presets.PRESETS`` or SmolLM2's published config) and the
+    learned reward model when one is configured."""
+    if cfg.policy == "smollm2":
+        models = policy_and_reference(presets.SMOLLM2_HUB)
+    else:
+        p = presets.PRESETS[cfg.policy]
+        shape = {"model_type": "gpt2", "vocab_size": p.vocab, "n_positions": 256}
+        shape |= {"n_layer": p.n_layer, "n_embd": p.n_embd, "n_head": p.n_head}
+        models = [ModelSpec("policy", shape, cfg.policy), ModelSpec("reference", shape, cfg.policy)]
+    if cfg.reward_model:
+        models.append(ModelSpec("reward", config_of(cfg.reward_model) | {"num_labels": 1}, cfg.reward_model))
+    return models
+
+
 register_task(
     TaskSpec(
         name="lexicon",
@@ -116,6 +132,7 @@ register_task(
         trainer="lm",
         needs="nothing: offline, CPU (nrclex + vaderSentiment lexicons, presets built once into the cache)",
         size_key="task.policy",
+        models=lexicon_models,
         description="sentence starters; 10 NRC emotion heads + VADER; tiny GPT-2 / SmolLM2 policies",
         defaults=(
             "method.eta=0.1",

@@ -1,0 +1,109 @@
+"""bench plan: memory by hand on published shapes, advice that makes a cell fit, refusal before
+submission, resources sized from the task, and one local job per GPU."""
+
+import pytest
+
+from bench.cli import main
+from bench.harness import launch as launch_mod
+from bench.harness.launch import launch, make_executor, submit_groups
+from bench.harness.plan import GIB, GPUS, estimate, gpu_named, sized_resources
+from bench.harness.runner import Cell
+from bench.harness.sweep import SlurmConfig
+from bench.loops.config import ConfigError
+
+GPT2_PARAMS = 124_439_808  # GPT-2 small with its tied LM head (the published count)
+GPT2_LARGE = ("task.size=gpt2-large",)
+
+
+def test_static_memory_and_activations_by_hand():
+    e = estimate(Cell("emotion", "rebel", 0), GPUS["H100"])
+    # policy 16 B/param (fp32 weights + grads + AdamW m, v), reference and classifier 2 B/param
+    assert e.models == {"policy": GPT2_PARAMS, "reference": GPT2_PARAMS, "reward": GPT2_PARAMS}
+    assert e.static_gb * GIB == pytest.approx(20 * GPT2_PARAMS)
+    # 64 pairs -> 128 rows of 128 assumed prompt + 32 new tokens; 34 h L + 12 V bytes per token,
+    # plus 2 B/param of autocast weight copies
+    per_token = 34 * 768 * 12 + 12 * 50257
+    assert e.train_gb * GIB == pytest.approx(128 * 160 * per_token + 2 * GPT2_PARAMS)
+    # KV cache of 128 rows: 2 (k, v) x 12 layers x 768 x 2 bytes per token
+    kv = 128 * 160 * 12 * 2 * 768 * 2
+    assert e.generate_gb * GIB == pytest.approx(kv + 128 * 50257 * 4 * 3)
+    assert e.peak_gb * GIB == pytest.approx((e.static_gb + e.train_gb) * GIB * 1.1 + GIB)
+
+    ckpt = estimate(Cell("emotion", "rebel", 0, ("train.grad_checkpointing=true",)), GPUS["H100"])
+    per_token_ckpt = 2 * 768 * 12 + 34 * 768 + 12 * 50257
+    assert ckpt.train_gb * GIB == pytest.approx(128 * 160 * per_token_ckpt + 2 * GPT2_PARAMS)
+    wass = estimate(Cell("emotion", "w-rebel", 0), GPUS["H100"])
+    assert wass.train_gb * GIB == pytest.approx(
+        2 * 128 * 160 * per_token + 2 * GPT2_PARAMS
+    )  # double backward
+    sgd = estimate(Cell("emotion", "rebel", 0, ("train.optimizer=sgd",)), GPUS["H100"])
+    assert sgd.static_gb * GIB == pytest.approx(12 * GPT2_PARAMS)
+
+
+def test_the_advice_makes_a_cell_that_does_not_fit_fit():
+    gpu = gpu_named("A100-40")
+    cell = Cell("emotion", "w-rebel", 0, GPT2_LARGE)
+    e = estimate(cell, gpu)
+    assert not e.fits and e.peak_gb > 40
+    advice = e.advice()
+    assert advice.startswith("try train.grad_checkpointing=true")
+    advised = advice.removeprefix("try ").split()
+    assert estimate(Cell("emotion", "w-rebel", 0, (*GPT2_LARGE, *advised)), gpu).fits
+    assert estimate(cell, gpu_named("H200")).fits
+
+
+def test_a_model_too_large_for_the_gpu_says_so():
+    e = estimate(Cell("hh", "rebel", 0, ("task.size=pythia-2.8b",)), gpu_named("L40S"))
+    assert not e.fits and "alone need" in e.advice() and "H200" in e.advice()
+
+
+def test_run_refuses_before_submitting_anything(tmp_path):
+    cells = [Cell("emotion", "w-rebel", 0, GPT2_LARGE)]
+    with pytest.raises(ConfigError, match=r"would not fit in the 40 GB.*nothing was submitted"):
+        launch(cells, tmp_path, name="x", cluster="slurm", slurm=SlurmConfig(gpu_mem_gb=40))
+    assert not (tmp_path / ".sweeps" / "x" / "jobs.json").exists()
+
+
+def test_slurm_resources_come_from_the_task_and_the_user_wins(tmp_path):
+    paper = sized_resources([Cell("emotion", "rebel", 0)], SlurmConfig())
+    assert paper.gpus_per_task == 1 and paper.cpus_per_task == 8
+    host = (4 * GPT2_PARAMS + 2 * GPT2_PARAMS) / GIB + 8  # fp32 policy + bf16 classifier on the host
+    assert paper.mem_gb == pytest.approx(int(host) + 1) and 30 <= paper.time_min <= 24 * 60
+    mine = sized_resources([Cell("emotion", "rebel", 0)], SlurmConfig(gpus_per_task=2, mem_gb=64.0))
+    assert (mine.gpus_per_task, mine.mem_gb, mine.cpus_per_task) == (2, 64.0, 8)
+    cpu = sized_resources([Cell("lexicon", "rebel", 0, ("train.threads=3",))], SlurmConfig())
+    assert (cpu.gpus_per_task, cpu.cpus_per_task, cpu.mem_gb) == (0, 3, 4.0)
+    executor = make_executor("slurm", tmp_path, 60, SlurmConfig(), [Cell("emotion", "rebel", 0)])
+    params = executor._executor.parameters
+    assert params["gpus_per_task"] == 1 and params["cpus_per_task"] == 8
+
+
+@pytest.mark.slow
+def test_one_local_job_per_gpu_each_seeing_its_own(tmp_path):
+    def visible(*_) -> str:  # defined here so that cloudpickle ships it by value to the workers
+        import os
+
+        return os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+
+    executor = make_executor("local", tmp_path, 5, None)
+    jobs = submit_groups(executor, visible, [[1], [2], [3]], str(tmp_path), [0, 3])
+    assert [j.result() for j in jobs] == ["0", "3", "0"]
+    executor = make_executor("local", tmp_path, 5, None)
+    cpu_jobs = submit_groups(executor, visible, [[1], [2]], str(tmp_path), [])
+    assert [j.result() for j in cpu_jobs] == ["", ""]  # a CPU task sees no GPU
+
+
+def test_gpu_tasks_run_one_at_a_time_locally_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(launch_mod, "usable_cores", lambda: 16)
+    assert launch_mod.local_slots([Cell("emotion", "rebel", 0)], []) == 1
+    assert launch_mod.local_slots([Cell("emotion", "rebel", 0)], [0, 1, 2]) == 3
+    assert launch_mod.local_slots([Cell("lexicon", "rebel", 0)], [0, 1]) == 16
+
+
+def test_bench_plan_prints_every_cell_and_a_verdict(capsys):
+    assert main(["plan", "--task", "emotion", "--methods", "rebel,w-rebel", "--gpu", "H100"]) == 0
+    out = capsys.readouterr().out
+    assert "emotion/rebel seed=0" in out and "emotion/w-rebel seed=0" in out and "fits" in out
+    assert "1 GPU, 8 CPUs" in out
+    code = main(["plan", "--task", "emotion", "--methods", "w-rebel", "--gpu", "A100-40", *GPT2_LARGE])
+    assert code == 1 and "DOES NOT FIT" in capsys.readouterr().out
