@@ -91,6 +91,9 @@ def test_one_local_job_per_gpu_each_seeing_its_own(tmp_path):
     executor = make_executor("local", tmp_path, 5, None)
     cpu_jobs = submit_groups(executor, visible, [[1], [2]], str(tmp_path), [])
     assert [j.result() for j in cpu_jobs] == ["", ""]  # a CPU task sees no GPU
+    executor = make_executor("local", tmp_path, 5, None)
+    ranked = submit_groups(executor, visible, [[1], [2], [3]], str(tmp_path), [0, 1, 2, 3], per_job=2)
+    assert [j.result() for j in ranked] == ["0,1", "2,3", "0,1"]  # a 2-rank cell gets two GPUs
 
 
 def test_gpu_tasks_run_one_at_a_time_locally_without_a_gpu(monkeypatch):
@@ -98,6 +101,8 @@ def test_gpu_tasks_run_one_at_a_time_locally_without_a_gpu(monkeypatch):
     assert launch_mod.local_slots([Cell("emotion", "rebel", 0)], []) == 1
     assert launch_mod.local_slots([Cell("emotion", "rebel", 0)], [0, 1, 2]) == 3
     assert launch_mod.local_slots([Cell("lexicon", "rebel", 0)], [0, 1]) == 16
+    two_ranks = Cell("emotion", "rebel", 0, ("train.nproc=2",))
+    assert launch_mod.local_slots([two_ranks], [0, 1, 2, 3, 4]) == 2
 
 
 def test_bench_plan_prints_every_cell_and_a_verdict(capsys):

@@ -34,11 +34,30 @@ def artifact_dir(kind: str, spec: dict) -> Path:
     return cache_dir() / f"{kind}-{key}"
 
 
+@contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Python's, NumPy's and torch's RNG streams as they were before the block: building a cached
+    artifact (which seeds and draws) must not make a run's numbers depend on a cold or warm cache."""
+    import random
+
+    import numpy as np
+    import torch
+
+    states = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+
+
 def build_once(path: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp)`` unless ``path`` is complete; publish atomically (a lock guards workers)."""
+    """Run ``build(tmp)`` unless ``path`` is complete; publish atomically (a lock guards workers).
+    The caller's RNG streams are left as they were (``preserved_rng``)."""
     if (path / "DONE").exists():
         return path
-    with locked(path):
+    with locked(path), preserved_rng():
         if not (path / "DONE").exists():
             tmp = path.with_name(path.name + ".partial")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -195,6 +195,7 @@ def make_executor(
         "timeout_min": s.time_min,
         "mem_gb": s.mem_gb,
         "cpus_per_task": s.cpus_per_task,
+        "tasks_per_node": s.tasks_per_node,
         "slurm_partition": s.partition,
         "slurm_account": s.account,
         "slurm_qos": s.qos,
@@ -262,7 +263,8 @@ def launch(
     else:
         n_jobs = 1 if cluster == "debug" else min(len(pending), workers or local_slots(pending, slots))
         groups = [pending[i::n_jobs] for i in range(n_jobs)]
-        jobs = submit_groups(executor, CellJob(), groups, str(root), slots if cluster == "local" else [])
+        gpus = slots if cluster == "local" else []
+        jobs = submit_groups(executor, CellJob(), groups, str(root), gpus, ranks_per_cell(pending))
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     for job, group in zip(jobs, groups, strict=True):
         for cell in group:
@@ -279,21 +281,31 @@ def launch(
 
 
 def local_slots(cells: list[Cell], gpus: list[int]) -> int:
-    """Parallel local jobs by default: one per core; for a GPU task one per visible GPU, or one at a
-    time on CPU when there is none (each would load the task's large models into host memory)."""
+    """Parallel local jobs by default: one per core; for a GPU task one per ``train.nproc`` visible
+    GPUs, or one at a time on CPU when there is none (each would load the task's large models into
+    host memory)."""
     if not needs_gpu(cells):
         return usable_cores()
-    return max(1, len(gpus))
+    return max(1, len(gpus) // ranks_per_cell(cells))
 
 
-def submit_groups(executor, fn, groups: list, root: str, gpus: list[int]) -> list[submitit.Job]:
-    """One job per group; with ``gpus``, job i sees only GPU ``gpus[i % len(gpus)]``. Without,
-    submitit's local executor hides every GPU, which is what a CPU task wants."""
+def ranks_per_cell(cells: list[Cell]) -> int:
+    return max(c.config().train.nproc for c in cells)
+
+
+def submit_groups(
+    executor, fn, groups: list, root: str, gpus: list[int], per_job: int = 1
+) -> list[submitit.Job]:
+    """One job per group; with ``gpus``, job i sees only its own ``per_job`` of them (the ranks of
+    a ``train.nproc`` cell), dealt in turn. Without, submitit's local executor hides every GPU,
+    which is what a CPU task wants."""
     if not gpus:
         return executor.map_array(fn, groups, [root] * len(groups))
+    sets = [tuple(gpus[k : k + per_job]) for k in range(0, len(gpus) - per_job + 1, per_job)] or [tuple(gpus)]
     jobs = []
     for i, group in enumerate(groups):
-        executor.update_parameters(gpus_per_node=1, visible_gpus=(gpus[i % len(gpus)],))
+        mine = sets[i % len(sets)]
+        executor.update_parameters(gpus_per_node=len(mine), visible_gpus=mine)
         jobs.append(executor.submit(fn, group, root))
     return jobs
 

@@ -307,7 +307,8 @@ def sized_resources(cells: list[Cell], slurm):
         f"{slurm.gpu_mem_gb:g} GB GPU", slurm.gpu_mem_gb, GPUS["H100"].bf16_flops, GPUS["H100"].bandwidth
     )
     need_gpu = any(tasks.get(c.task).gpus > 0 for c in cells)
-    sized = {"gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 4.0, "time_min": 60}
+    nproc = max(c.config().train.nproc for c in cells)  # one SLURM task per rank
+    sized = {"gpus_per_task": 0, "cpus_per_task": 1, "mem_gb": 4.0, "time_min": 60, "tasks_per_node": nproc}
     if need_gpu:
         estimates = [estimate(c, gpu) for c in cells if tasks.get(c.task).gpus > 0]
         minutes = max(
@@ -318,6 +319,7 @@ def sized_resources(cells: list[Cell], slurm):
             "cpus_per_task": 8,
             "mem_gb": float(math.ceil(max(host_memory_gb(e) for e in estimates))),
             "time_min": int(min(MAX_TIME_MIN, max(MIN_TIME_MIN, math.ceil(minutes)))),
+            "tasks_per_node": nproc,
         }
     else:
         sized["cpus_per_task"] = max(max(1, c.config().train.threads) for c in cells)

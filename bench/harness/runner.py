@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import json
 import os
 import random
 import traceback
@@ -81,6 +82,8 @@ def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
     record says ``pruned`` and the exception propagates.
     """
     cfg = cell.config()
+    if cfg.train.nproc > 1 and not in_rank_environment(cfg.train.nproc):
+        return launch_ranks(cell, Path(root), cfg.train.nproc)
     knob = methods.get(cell.method).knob
     record = {
         "schema": SCHEMA,
@@ -118,8 +121,81 @@ def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
             "traceback": traceback.format_exc(),
         }
     record["finished"] = _now()
-    write_json_atomic(record_path(cell, root), record)
+    if int(os.environ.get("RANK", "0")) == 0:  # with train.nproc ranks, rank 0 writes the record
+        write_json_atomic(record_path(cell, root), record)
     return record["status"]
+
+
+def in_rank_environment(nproc: int) -> bool:
+    """Whether this process is one of ``nproc`` ranks: under ``torch.distributed.run`` (its
+    ``WORLD_SIZE``), or one of ``nproc`` SLURM tasks of a submitit job, whose rendezvous
+    variables submitit's ``TorchDistributedEnvironment`` then exports."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == nproc:
+        return True
+    if int(os.environ.get("SLURM_NTASKS", "1")) == nproc and os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        import submitit
+
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return True
+    return False
+
+
+def launch_ranks(cell: Cell, root: Path, nproc: int) -> str:
+    """Run ``cell`` as ``nproc`` local ranks through ``torch.distributed.run`` and wait; a run that
+    dies without a record (a rank crashed or was killed) is recorded as failed with the ranks' log."""
+    import socket
+    import subprocess
+    import sys
+
+    run_dir = cell.run_dir(root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = json.dumps(
+        {"task": cell.task, "method": cell.method, "seed": cell.seed, "overrides": cell.overrides}
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        "-m",
+        "bench.harness.runner",
+        str(root),
+        spec,
+    ]
+    threads = str(max(1, cell.config().train.threads))
+    log = run_dir / "ranks.log"
+    with open(log, "w") as out:
+        proc = subprocess.run(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, OMP_NUM_THREADS=threads)
+        )
+    path = record_path(cell, root)
+    if proc.returncode == 0 and path.exists():
+        return read_json(path)["status"]
+    tail = log.read_text()[-4000:]
+    record = {
+        "schema": SCHEMA,
+        "task": cell.task,
+        "method": cell.method,
+        "seed": cell.seed,
+        "overrides": list(cell.overrides),
+        "tags": list(cell.tags),
+        "config": to_dict(cell.config()),
+        "config_hash": config_hash(cell.config()),
+        "status": "failed",
+        "error": {
+            "type": "RanksFailed",
+            "message": f"{nproc} ranks exited with {proc.returncode}",
+            "traceback": tail,
+        },
+        "finished": _now(),
+    }
+    write_json_atomic(path, record)
+    return "failed"
 
 
 def run_cells(cells: list[Cell], root: str) -> list[str]:
@@ -129,3 +205,15 @@ def run_cells(cells: list[Cell], root: str) -> list[str]:
     lets a job run ``KillWait`` seconds after ``scontrol requeue``) does not train it again.
     """
     return ["completed" if is_completed(c, Path(root)) else run_cell(c, Path(root)) for c in cells]
+
+
+def main(argv: list[str]) -> None:
+    """One rank of a ``train.nproc`` cell: ``python -m bench.harness.runner ROOT CELL_JSON``."""
+    spec = json.loads(argv[1])
+    run_cell(Cell(spec["task"], spec["method"], spec["seed"], tuple(spec["overrides"])), Path(argv[0]))
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -40,7 +40,7 @@ SWEEP_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 class SlurmConfig:
     """Resources of each array task and how the array is shaped (see the README's sbatch block).
 
-    The four resources left at None are sized from the cells' task by ``bench.harness.plan``
+    The resources left at None are sized from the cells' task by ``bench.harness.plan``
     (the paper tasks: one GPU, host memory and time from the model; lexicon and linear: CPU)."""
 
     partition: str | None = None
@@ -50,6 +50,7 @@ class SlurmConfig:
     cpus_per_task: int | None = None
     mem_gb: float | None = None
     time_min: int | None = None
+    tasks_per_node: int | None = None  # the ranks of a train.nproc cell (one task per rank)
     gpu_mem_gb: float = 80.0  # memory of the GPUs the partition gives: cells that cannot fit are refused
     array_limit: int = 1000  # the cluster's MaxArraySize: larger sweeps become several arrays
     max_running: int = 64  # array tasks running at once (%N)

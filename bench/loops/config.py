@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import methods
 import tasks
+from bench.core.generation import GENERATORS
 
 
 class Anchor(str, Enum):
@@ -73,6 +74,7 @@ class MethodConfig:
     rho0: float | None = None  # Wasserstein radius
     beta_prime: float | None = None  # Dr. DPO temperature
     eta_alpha: float | None = None  # group-robust step size
+    group_update: str = "bench"  # GR-DPO/GR-IPO: bench | official (methods.robust.group_step)
 
 
 @dataclass
@@ -94,6 +96,9 @@ class TrainConfig:
     lmeval_tasks: list[str] = field(default_factory=list)  # capability tasks scored in memory at the end
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA with bf16, else fp32
     grad_checkpointing: bool = False  # recompute each layer in the backward: activations ~ 1/L
+    nproc: int = 1  # ranks of one cell (data parallel; torch.distributed.run locally, SLURM tasks)
+    generator: str = "hf"  # training rollouts: hf (transformers generate, the reference) | vllm
+    generator_options: dict[str, Any] = field(default_factory=dict)  # vllm: VLLMOptions fields
 
 
 @dataclass
@@ -136,9 +141,20 @@ def build_config(
     knob = methods.get(method).knob
     if knob is not None:  # record the effective radius: "default" and its value hash alike
         cfg.method[knob.name] = method_radius(cfg)
-    for key in ("iterations", "batch_size", "eval_every"):
+    for key in ("iterations", "batch_size", "eval_every", "nproc"):
         if cfg.train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive, got {cfg.train[key]}")
+    nproc = cfg.train.nproc
+    if cfg.train.batch_size % nproc:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} must split evenly over train.nproc={nproc}"
+        )
+    if cfg.train.generator not in GENERATORS:
+        raise ConfigError(f"train.generator={cfg.train.generator!r}; known: {', '.join(GENERATORS)}")
+    if cfg.train.generator == "vllm" and nproc > 1:
+        raise ConfigError("train.generator=vllm runs one rank per cell (train.nproc=1)")
+    if nproc > 1 and spec.trainer != "lm":
+        raise ConfigError(f"train.nproc > 1 runs the language-model loop only; task {task} has none")
     spec.validate(cfg.task)
     return cfg
 

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from bench.core.lm import chunked_logps, sample, sequence_batch
+from bench.loops.distributed import gather_rows, shard, world
 from tasks.mixtures import Mixture, Protocol
 
 
@@ -141,25 +142,41 @@ def evaluate_lm(
     weight vector. KL(policy || reference) per token is the Monte Carlo estimate
     ``mean_x [sum_t log pi(y_t) - log pi_ref(y_t)] / |y|`` on the test responses.
     """
+    rank, size = world()  # under train.nproc each rank samples and scores its block of prompts
     test_prompts = [p.text for p in task.prompts("test")]
     val_prompts = [p.text for p in task.prompts("val")]
-    with seeded_rng(seed * 1_000_003 + iteration, policy):
-        test = sample(policy, tok, test_prompts, 1, task.sampling)
-        val = sample(policy, tok, val_prompts, 1, task.sampling)
-    heads_test = scaler(task.score(test_prompts, test.texts))
-    heads_val = scaler(task.score(val_prompts, val.texts))
-    scores = mixture_scores(heads_test, heads_val, task.protocol, seed=seed)
+    mine_test, mine_val = shard(test_prompts, rank, size), shard(val_prompts, rank, size)
+    with seeded_rng(seed * 1_000_003 + iteration + rank * 104_729, policy):
+        test = sample(policy, tok, mine_test, 1, task.sampling)
+        val = sample(policy, tok, mine_val, 1, task.sampling)
     seqs = sequence_batch(test.prompt_ids, test.response_ids, tok.pad_token_id).to(
         next(policy.parameters()).device
     )
     temperature = task.sampling.temperature
     diff = chunked_logps(policy, seqs, temperature) - chunked_logps(reference, seqs, temperature)
     lengths = seqs.target_mask.sum(1)
-    scores["kl_ref"] = float((diff.float() / lengths).mean())
-    scores["response_len"] = float(lengths.float().mean())
+    rows = gather_rows(
+        list(
+            zip(
+                scaler(task.score(mine_test, test.texts)).tolist(),
+                (diff.float() / lengths).tolist(),
+                lengths.tolist(),
+                test.texts,
+                strict=True,
+            )
+        )
+    )
+    heads_test = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    heads_val = torch.tensor(
+        gather_rows(scaler(task.score(mine_val, val.texts)).tolist()), dtype=torch.float64
+    )
+    texts = [r[3] for r in rows]
+    scores = mixture_scores(heads_test, heads_val, task.protocol, seed=seed)
+    scores["kl_ref"] = float(torch.tensor([r[1] for r in rows]).mean())
+    scores["response_len"] = float(torch.tensor([r[2] for r in rows], dtype=torch.float64).mean())
     train_mix = task.protocol.train.apply(heads_test)
     shown = [
-        {"prompt": test_prompts[i], "response": test.texts[i], "train_reward": float(train_mix[i])}
+        {"prompt": test_prompts[i], "response": texts[i], "train_reward": float(train_mix[i])}
         for i in range(min(show, len(test_prompts)))
     ]
     return scores, shown

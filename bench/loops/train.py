@@ -29,15 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 import methods
+from bench.core.generation import check_generator, make_generator
 from bench.core.lm import SequenceBatch, chunked_logps, sample, sequence_batch, sequence_logps
 from bench.core.refcache import cached, model_fingerprint
 from bench.core.resources import peak_memory_mb, utilisation
 from bench.loops.callbacks import OnEval
 from bench.loops.config import loss_kwargs, method_radius, to_dict
+from bench.loops.distributed import broadcast_parameters, gather_rows, init_from_env, shard, sum_gradients
 from bench.loops.evaluate import HeadScaler, evaluate_lm, seeded_rng
 from methods import Method, PairScores
 from methods.pointwise import preference_labels
@@ -82,6 +85,11 @@ class PairBatch:
     def m(self) -> int:
         return self.rewards.shape[0]
 
+    def select(self, sel: Tensor) -> PairBatch:
+        """The pairs ``sel`` as a batch of their own (a rank's block of the global batch)."""
+        anchor = None if self.anchor is None else self.anchor[sel]
+        return PairBatch(self.rows(sel), self.rewards[sel], self.pref[sel], self.groups[sel], anchor)
+
     def rows(self, sel: Tensor) -> SequenceBatch:
         both = torch.cat([sel, sel + self.m])
         seqs = self.seqs
@@ -109,9 +117,23 @@ class PairBatch:
         return methods.pointwise_losses(method, scores, **hparams), inputs
 
 
-def sample_pairs(policy, tok, task, prompts: list, scaler: HeadScaler, gen: torch.Generator, cfg: DictConfig):
-    """Two responses per prompt from ``policy``, scored, mixed and labeled: a ``PairBatch``."""
-    samples = sample(policy, tok, [p.text for p in prompts], 2, task.sampling)
+def sample_pairs(
+    policy,
+    tok,
+    task,
+    prompts: list,
+    scaler: HeadScaler,
+    gen: torch.Generator,
+    cfg: DictConfig,
+    generator=None,
+):
+    """Two responses per prompt from ``policy`` (through ``generator`` when given: the training
+    rollouts' backend), scored, mixed and labeled: a ``PairBatch``."""
+    texts = [p.text for p in prompts]
+    if generator is None:
+        samples = sample(policy, tok, texts, 2, task.sampling)
+    else:
+        samples = generator.sample(texts, 2, task.sampling)
     m = len(prompts)
     heads = scaler(task.score([p.text for p in prompts for _ in (0, 1)], samples.texts)).view(m, 2, -1)
     weights, pair_ids = task.protocol.sample_train(m, gen)
@@ -226,13 +248,22 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
     method = methods.get(cfg.method.name)
     radius, hparams = method_radius(cfg), loss_kwargs(cfg)
     tc = cfg.train
+    check_generator(tc.generator)  # an unknown backend or an absent vLLM: one line, before anything loads
     device = resolve_device(tc.device)
     ctx = partial(precision, device, tc.precision)  # generation, scoring and training alike
     temperature = task.sampling.temperature
     chunk = tc.micro_batch or 2 * tc.batch_size
+    # The policy (and any preset it needs built) before the process group: transformers saves a
+    # model only on rank 0 once torch.distributed is initialized.
     policy, tok = task.load_policy()
+    rank, size = init_from_env(device.type)  # (0, 1) unless launched as train.nproc ranks
+    if device.type == "cuda" and size > 1:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if size > 1 and rank > 0:  # each rank samples its own responses; rank 0 keeps the seed's streams
+        torch.manual_seed(cfg.seed * 1_000_003 + rank)
     disable_dropout(policy)
     policy.to(device)
+    broadcast_parameters(policy)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if uses_bf16(device, tc.precision) and device.type == "cuda":
         reference.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
@@ -242,7 +273,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
     opt_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[tc.optimizer.value]
     opt = opt_cls(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, tc.warmup)))
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed if rank == 0 else cfg.seed * 1_000_003 + rank)
     train_prompts = task.prompts("train")
 
     def evaluate(model, **kwargs):
@@ -257,8 +288,12 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         policy.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        gen.set_state(st["generator"])
-        set_rng_state(st["rng"])
+        if st.get("world_size", 1) != size:
+            raise RuntimeError(
+                f"{ckpt} was written by {st.get('world_size', 1)} ranks; resume it with as many"
+            )
+        gen.set_state(st["generator"][rank])
+        set_rng_state(st["rng"][rank])
         scaler, sampler = HeadScaler(**st["scaler"]), PromptSampler(**st["sampler"])
         offline, progress = st["offline"], st["progress"]
         progress["resumed_at"].append(st["iteration"])
@@ -272,8 +307,12 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         ref_row, before = evaluate(policy, scaler=scaler, iteration=0)
         offline = None
         if tc.data.value == "offline":  # a fixed pair set from the reference, labeled once, cached
-            with ctx():
-                offline = offline_pairs(reference, tok, task, train_prompts, scaler, cfg, chunk)
+            for turn in (0, 1) if size > 1 else (0,):  # rank 0 builds the cache, then the others read it
+                if (rank == 0) == (turn == 0):
+                    with ctx():
+                        offline = offline_pairs(reference, tok, task, train_prompts, scaler, cfg, chunk)
+                if size > 1:
+                    dist.barrier()
         sampler = PromptSampler(len(train_prompts), cfg.seed)
         progress = {
             "iteration": 0,
@@ -285,20 +324,21 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         }
     agg_state = progress.get("agg_state") or {}
     timing = progress["timings"]
+    generator = None  # started after any resume, so that it holds the loaded weights
+    if offline is None:
+        options = OmegaConf.to_container(tc.generator_options, resolve=True)
+        generator = make_generator(tc.generator, policy, tok, **options)
     for it in range(progress["iteration"] + 1, tc.iterations + 1):
-        idx = sampler.take(tc.batch_size)
+        idx = shard(sampler.take(tc.batch_size), rank, size)  # this rank's block of the global batch
         t0 = time.perf_counter()
         if offline is None:
             with ctx():
                 batch, samples = sample_pairs(
-                    policy, tok, task, [train_prompts[i] for i in idx], scaler, gen, cfg
+                    policy, tok, task, [train_prompts[i] for i in idx], scaler, gen, cfg, generator
                 )
             timing["gen_tokens"] += samples.new_tokens
         else:
-            sel = torch.tensor(idx)
-            batch = PairBatch(offline.seqs, offline.rewards[sel], offline.pref[sel], offline.groups[sel])
-            batch.seqs = offline.rows(sel)
-            batch.anchor = offline.anchor[sel]
+            batch = offline.select(torch.tensor(idx))
         t1 = time.perf_counter()
         batch.seqs = batch.seqs.to(device)
         if batch.anchor is None or cfg.method.anchor.value == "prev_iterate":
@@ -322,6 +362,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
                 w_form=cfg.method.w_form.value,
             )
         agg_state = stats.state or agg_state
+        sum_gradients(policy)  # every rank now holds the global batch's gradient
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.grad_clip)
         opt.step()
@@ -329,6 +370,10 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         timing["gen_s"] += t1 - t0
         timing["train_s"] += time.perf_counter() - t1
         timing["train_tokens"] += batch.seqs.tokens
+        if generator is not None:  # the next rollout samples the stepped weights (hf: nothing to do)
+            t2 = time.perf_counter()
+            generator.sync(policy)
+            timing["gen_s"] += time.perf_counter() - t2
         if it % tc.eval_every == 0 or it == tc.iterations:
             row, _ = evaluate(policy, scaler=scaler, iteration=it)
             progress["curves"].append(
@@ -336,27 +381,36 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
             )
         progress["iteration"], progress["agg_state"] = it, agg_state
         if tc.checkpoint_every and it % tc.checkpoint_every == 0 and it < tc.iterations:
-            save_checkpoint(
-                ckpt,
-                {
-                    "iteration": it,
-                    "model": policy.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(),
-                    "generator": gen.get_state(),
-                    "rng": rng_state(),
-                    "scaler": scaler.state(),
-                    "sampler": vars(sampler).copy(),
-                    "offline": offline,
-                    "progress": progress,
-                },
-            )
+            streams = gather_rows([(gen.get_state(), rng_state())])  # every rank's, in rank order
+            if rank == 0:  # the weights and optimizer state are the same on every rank
+                save_checkpoint(
+                    ckpt,
+                    {
+                        "iteration": it,
+                        "model": policy.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "generator": [g for g, _ in streams],
+                        "rng": [r for _, r in streams],
+                        "scaler": scaler.state(),
+                        "sampler": vars(sampler).copy(),
+                        "offline": offline,
+                        "progress": progress,
+                        "world_size": size,
+                    },
+                )
 
     final, after = evaluate(policy, scaler=scaler, iteration=tc.iterations)
-    ckpt.unlink(missing_ok=True)
+    if generator is not None:
+        generator.close()
+    if rank == 0:
+        ckpt.unlink(missing_ok=True)
+    per_rank = gather_rows([(timing["gen_tokens"], timing["train_tokens"], peak_memory_mb())])
+    timing["gen_tokens"] = sum(g for g, _, _ in per_rank)  # the global batch's tokens
+    timing["train_tokens"] = sum(t for _, t, _ in per_rank)
     n_params = sum(p.numel() for p in policy.parameters())
     extra = {}
-    if tc.save_model:
+    if tc.save_model and rank == 0:
         policy.save_pretrained(Path(run_dir) / "policy")
         tok.save_pretrained(Path(run_dir) / "policy")
     if tc.lmeval_tasks:
@@ -376,6 +430,8 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
             "gen_tokens_per_s": timing["gen_tokens"] / max(timing["gen_s"], 1e-9),
             "train_tokens_per_s": timing["train_tokens"] / max(timing["train_s"], 1e-9),
             "peak_memory_mb": peak_memory_mb(),
+            "peak_memory_mb_per_rank": [m for _, _, m in per_rank],
+            "world_size": size,
             "device": str(device),
             **utilisation(
                 n_params,

@@ -1,0 +1,163 @@
+"""One cell on two ranks (gloo on CPU): the step's gradient equals the single-rank gradient of the
+same global batch for every method the LM loop runs; a 2-rank cell end to end, killed and resumed;
+the same cell as 2 tasks of one SLURM job."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _lm_step import METHODS, global_batch, one_step
+from conftest import LEXICON_FAST
+
+from bench.harness.runner import Cell, record_path, run_cell
+from bench.loops.distributed import shard
+from bench.loops.train import disable_dropout
+from tasks.lexicon.presets import ensure_preset, load_policy
+
+pytestmark = pytest.mark.slow
+TWO = (*LEXICON_FAST, "train.nproc=2")
+
+
+def torchrun(script: Path, *args: str) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1"]
+    cmd += [f"--master_port={port}", str(script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(script.parent))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_shards_are_contiguous_blocks_in_rank_order():
+    items = list(range(7))
+    assert [shard(items, r, 3) for r in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [*shard(items, 0, 2), *shard(items, 1, 2)] == items
+
+
+@pytest.mark.parametrize("micro_batch", [0, 2])
+def test_two_rank_step_gradient_equals_the_single_rank_gradient(tmp_path, micro_batch):
+    ensure_preset("tiny", 60)  # built once before the ranks start
+    out = tmp_path / "grads.pt"
+    torchrun(Path(__file__).with_name("_dist_lm_worker.py"), str(out), str(micro_batch))
+    two = torch.load(out)
+    assert sorted(two) == sorted(METHODS) and len(METHODS) >= 15
+    for name in METHODS:
+        policy, tok = load_policy("tiny", steps=60)
+        disable_dropout(policy)
+        torch.set_num_threads(1)
+        one, value = one_step(policy, global_batch(tok), name, micro_batch)
+        assert two[name]["value"] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+        # float32 sums in another order: errors far below the gradient's scale (its largest entry);
+        # a tensor whose gradient is itself roundoff-sized is judged against that scale too
+        scale = max(float(g.abs().max()) for g in one.values())
+        assert scale > 1e-2, name
+        for key, grad in one.items():
+            err = float((two[name]["grads"][key] - grad).abs().max())
+            assert err <= 1e-5 * scale + 1e-4 * float(grad.abs().max()), (name, key, err, scale)
+
+
+def flat_keys(obj, prefix=""):
+    if isinstance(obj, dict):
+        return {k for key, v in obj.items() for k in flat_keys(v, f"{prefix}{key}.")} | {prefix[:-1]}
+    return {prefix[:-1]}
+
+
+def test_a_two_rank_cell_writes_one_record_with_the_single_rank_schema(tmp_path):
+    one, two = Cell("lexicon", "rebel", 0, LEXICON_FAST), Cell("lexicon", "rebel", 0, TWO)
+    assert run_cell(one, tmp_path) == "completed"
+    assert run_cell(two, tmp_path) == "completed"
+    a, b = (json.loads(record_path(c, tmp_path).read_text()) for c in (one, two))
+    volatile = {"timings.peak_memory_mb_per_rank"}  # list contents differ in length
+    assert flat_keys(a) - volatile == flat_keys(b) - volatile
+    assert a["timings"]["world_size"] == 1 and b["timings"]["world_size"] == 2
+    assert len(b["timings"]["peak_memory_mb_per_rank"]) == 2
+    assert b["config"]["train"]["nproc"] == 2 and b["metrics"]["kl_ref"] >= 0
+    assert b["reference"]["kl_ref"] == pytest.approx(0.0, abs=1e-6)
+    # both ranks' evaluation prompts are in the metrics: the whole test split, in order
+    assert [s["prompt"] for s in b["samples"]["before"]] == [s["prompt"] for s in a["samples"]["before"]]
+
+
+def test_a_two_rank_cell_killed_mid_run_resumes_exactly(tmp_path):
+    args = (*TWO, "train.iterations=6", "train.checkpoint_every=1", "train.eval_every=3")
+    cmd = [str(Path(sys.executable).with_name("bench")), "run", "--task", "lexicon", "--methods", "rebel"]
+    cmd += ["--cluster", "debug", "--quiet", "--results"]
+    cell = Cell("lexicon", "rebel", 0, args)
+    status = run_cell(cell, tmp_path / "straight")
+    assert status == "completed", record_path(cell, tmp_path / "straight").read_text()[-3000:]
+    straight = json.loads(record_path(cell, tmp_path / "straight").read_text())
+
+    root = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, str(root), *args], start_new_session=True)
+    ckpt = cell.run_dir(root) / "checkpoint.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["iteration"] >= 3:
+            # the whole cell dies, as on a lost node: the launcher, torchrun, and both ranks (which
+            # torchrun starts in sessions of their own)
+            os.killpg(proc.pid, signal.SIGKILL)
+            subprocess.run(["pkill", "-KILL", "-f", f"bench.harness.runner {root}"], check=False)
+            break
+        time.sleep(0.2)
+    proc.wait()
+    assert not record_path(cell, root).exists(), "killed before the end"
+    assert run_cell(cell, root) == "completed"
+    resumed = json.loads(record_path(cell, root).read_text())
+    assert resumed["resumed_at"] and resumed["resumed_at"][0] >= 3
+    for key in ("curves", "samples", "metrics"):
+        assert resumed[key] == straight[key], (key, resumed["resumed_at"])
+
+
+def test_a_two_rank_cell_as_two_slurm_tasks(tmp_path):
+    from test_slurm import cluster_up, wait_for
+
+    if not cluster_up():
+        if os.environ.get("BENCH_REQUIRE_SLURM") == "1":
+            pytest.fail("BENCH_REQUIRE_SLURM=1 but no SLURM cluster answers")
+        pytest.skip("no SLURM cluster")
+    from bench.cli import main
+
+    args = [
+        "run",
+        "--task",
+        "lexicon",
+        "--methods",
+        "rebel",
+        "--cluster",
+        "slurm",
+        "--results",
+        str(tmp_path),
+    ]
+    assert main([*args, *TWO, "slurm.cpus_per_task=1", "slurm.mem_gb=2", "slurm.time_min=10"]) == 0
+    cell = Cell("lexicon", "rebel", 0, TWO)
+    rec = wait_for(
+        lambda: record_path(cell, tmp_path).exists() and json.loads(record_path(cell, tmp_path).read_text()),
+        400,
+        "the 2-task record",
+        poll=2,
+    )
+    assert rec["status"] == "completed", rec.get("error")
+    assert rec["timings"]["world_size"] == 2
+
+
+def test_building_a_preset_leaves_the_callers_rng_streams_alone(tmp_path, monkeypatch):
+    # A cold cache once made a run's numbers differ from a warm-cache run of the same seed.
+    import random
+
+    import numpy as np
+
+    monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(123)
+    random.seed(5)
+    np.random.seed(7)
+    before = torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy()
+    ensure_preset("tiny", 5)  # a cold build: it seeds and draws
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()
