@@ -75,17 +75,10 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
-    """Train and evaluate one cell; write ``record.json`` atomically; return the status.
-
-    ``on_eval(iteration, scores)`` is called after every evaluation; if it raises ``StopRun`` the
-    record says ``pruned`` and the exception propagates.
-    """
-    cfg = cell.config()
-    if cfg.train.nproc > 1 and not in_rank_environment(cfg.train.nproc):
-        return launch_ranks(cell, Path(root), cfg.train.nproc)
+def record_header(cell: Cell, cfg: DictConfig) -> dict:
+    """What every record of ``cell`` starts with: what ran, its config and hash, its radius."""
     knob = methods.get(cell.method).knob
-    record = {
+    return {
         "schema": SCHEMA,
         "task": cell.task,
         "method": cell.method,
@@ -95,6 +88,20 @@ def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
         "radius": {"name": knob.name, "value": method_radius(cfg)} if knob else None,
+    }
+
+
+def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
+    """Train and evaluate one cell; write ``record.json`` atomically; return the status.
+
+    ``on_eval(iteration, scores)`` is called after every evaluation; if it raises ``StopRun`` the
+    record says ``pruned`` and the exception propagates.
+    """
+    cfg = cell.config()
+    if cfg.train.nproc > 1 and not in_rank_environment(cfg.train.nproc):
+        return launch_ranks(cell, Path(root), cfg.train.nproc)
+    record = {
+        **record_header(cell, cfg),
         "git": git_commit(),
         "environment": environment(),
         "started": _now(),
@@ -178,14 +185,7 @@ def launch_ranks(cell: Cell, root: Path, nproc: int) -> str:
         return read_json(path)["status"]
     tail = log.read_text()[-4000:]
     record = {
-        "schema": SCHEMA,
-        "task": cell.task,
-        "method": cell.method,
-        "seed": cell.seed,
-        "overrides": list(cell.overrides),
-        "tags": list(cell.tags),
-        "config": to_dict(cell.config()),
-        "config_hash": config_hash(cell.config()),
+        **record_header(cell, cell.config()),
         "status": "failed",
         "error": {
             "type": "RanksFailed",
