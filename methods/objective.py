@@ -46,8 +46,16 @@ def global_weights(
     groups: Tensor | None = None,
     state: dict | None = None,
     w_form: str = "sqrt_mean",
+    n_groups: int | None = None,
+    group_update: str = "bench",
+    group_shares: Tensor | Sequence[float] | None = None,
 ) -> GlobalWeights:
-    """Weights and value of ``method`` from the detached losses of the whole global batch."""
+    """Weights and value of ``method`` from the detached losses of the whole global batch.
+
+    Group methods (GR-DPO, GR-IPO) take ``n_groups`` (the task's number of groups; None: grown
+    from the ids seen), ``group_update`` (``bench`` or ``official``) and ``group_shares`` (the
+    training set's size of each group, for the official update); see ``robust.group_step``.
+    """
     agg = method.aggregator
     losses = losses.detach()
     n = losses.numel()
@@ -57,13 +65,10 @@ def global_weights(
     if agg.kind == "group":
         if groups is None:
             raise ValueError(f"{method.name} needs a group id per sample")
-        state = state or {}
-        alpha = state.get("alpha")
-        if alpha is None:
-            n_groups = int(groups.max()) + 1
-            alpha = losses.new_full((n_groups,), 1.0 / n_groups, dtype=torch.float64)
-        p, value, alpha = robust.group_weights(losses, groups, alpha, radius)
-        return GlobalWeights(p, value, state={"alpha": alpha})
+        p, value, new_state = robust.group_step(
+            losses, groups, state, radius, n_groups=n_groups, update=group_update, shares=group_shares
+        )
+        return GlobalWeights(p, value, state=new_state)
     if agg.kind == "wasserstein":
         if grad_sq is None:
             raise ValueError(f"{method.name} needs the per-sample input-gradient norms")
@@ -105,6 +110,9 @@ def robust_objective(
     groups: Tensor | None = None,
     state: dict | None = None,
     w_form: str = "sqrt_mean",
+    n_groups: int | None = None,
+    group_update: str = "bench",
+    group_shares: Tensor | Sequence[float] | None = None,
 ) -> Objective:
     """One step's objective when each rank holds its whole local batch (no accumulation).
 
@@ -123,7 +131,16 @@ def robust_objective(
     if groups is not None:
         global_groups = gather_detached(groups.to(torch.float64))[0].round().long()
     stats = global_weights(
-        method, radius, global_losses, grad_sq=global_g, groups=global_groups, state=state, w_form=w_form
+        method,
+        radius,
+        global_losses,
+        grad_sq=global_g,
+        groups=global_groups,
+        state=state,
+        w_form=w_form,
+        n_groups=n_groups,
+        group_update=group_update,
+        group_shares=group_shares,
     )
     return Objective(local_objective(stats, losses, offset, grad_sq), stats)
 
@@ -137,6 +154,9 @@ def accumulate_gradients(
     groups: Tensor | None = None,
     state: dict | None = None,
     w_form: str = "sqrt_mean",
+    n_groups: int | None = None,
+    group_update: str = "bench",
+    group_shares: Tensor | Sequence[float] | None = None,
 ) -> GlobalWeights:
     """Backpropagate the robust objective of a step split into micro-batches (and ranks).
 
@@ -162,7 +182,16 @@ def accumulate_gradients(
     if groups is not None:
         global_groups = gather_detached(groups.to(torch.float64))[0].round().long()
     stats = global_weights(
-        method, radius, global_losses, grad_sq=global_g, groups=global_groups, state=state, w_form=w_form
+        method,
+        radius,
+        global_losses,
+        grad_sq=global_g,
+        groups=global_groups,
+        state=state,
+        w_form=w_form,
+        n_groups=n_groups,
+        group_update=group_update,
+        group_shares=group_shares,
     )
     for mb, part in zip(micro_batches, parts, strict=True):
         losses, inputs = losses_fn(mb)
@@ -182,6 +211,9 @@ def backward_robust(
     groups: Tensor | None = None,
     state: dict | None = None,
     w_form: str = "sqrt_mean",
+    n_groups: int | None = None,
+    group_update: str = "bench",
+    group_shares: Tensor | Sequence[float] | None = None,
 ) -> GlobalWeights:
     """Backpropagate one step's robust objective over ``n`` local samples.
 
@@ -199,10 +231,22 @@ def backward_robust(
             groups=groups,
             state=state,
             w_form=w_form,
+            n_groups=n_groups,
+            group_update=group_update,
+            group_shares=group_shares,
         )
     losses, inputs = losses_fn(rows)
     objective = robust_objective(
-        method, radius, losses, inputs=inputs, groups=groups, state=state, w_form=w_form
+        method,
+        radius,
+        losses,
+        inputs=inputs,
+        groups=groups,
+        state=state,
+        w_form=w_form,
+        n_groups=n_groups,
+        group_update=group_update,
+        group_shares=group_shares,
     )
     objective.loss.backward()
     return objective.stats

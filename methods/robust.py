@@ -15,12 +15,14 @@ or a sort), except the constrained KL ball, which bisects its 1-D dual to machin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "chi2_weights",
+    "group_step",
     "group_weights",
     "kl_constrained",
     "kl_weights",
@@ -195,6 +197,129 @@ def tv_weights(losses: Tensor, rho: float, base: Tensor | None = None) -> tuple[
     return _out(p, (p * x).sum(), losses)
 
 
+GROUP_UPDATES = ("bench", "official")
+
+
+def group_step(
+    losses: Tensor,
+    groups: Tensor,
+    state: dict | None,
+    eta_alpha: float,
+    *,
+    n_groups: int | None = None,
+    update: str = "bench",
+    shares: Tensor | Sequence[float] | None = None,
+) -> tuple[Tensor, Tensor, dict]:
+    """One GR-DPO / GR-IPO step over a global batch: ``(weights, value, new_state)``.
+
+    The state is ``{"alpha": [K] group weights, "log_norm": log Z}``, where, writing ``c_g`` for
+    ``eta_alpha`` times the summed past group losses of group g (so ``alpha = softmax(c)``),
+    ``Z = sum_g exp(c_g)``; a fresh state is uniform, ``c = 0``, ``Z = K``.
+
+    The number of groups K is ``n_groups`` when given (pass the task's group count: then every
+    batch, with any groups absent, updates the same K weights). Without it K grows with the ids
+    seen: the first batch gives ``max id + 1``, and a later id ``>= K`` grows the state to
+    ``id + 1``. **Growth rule**: a new group enters with ``c = 0``, the cumulative loss of a group
+    never seen, since absent groups have group loss 0 in both updates. So ``Z <- Z + m`` for m new
+    groups, the old weights scale by ``Z_old / Z_new`` and each new one gets ``1 / Z_new``: the
+    state after growth is exactly the state of a run told K from the start. (States saved without
+    ``log_norm`` are taken to have ``Z = K_old``.) Under ``update="bench"`` the weights and values
+    of the earlier steps are the same as well; under ``"official"`` they are not (a known K puts
+    mass on groups not yet seen), so pass ``n_groups`` there.
+
+    Updates, with ``S_g`` the summed loss and ``n_g`` the count of group g in the batch:
+
+    * ``bench`` (the default): ``L_g = S_g / n_g`` (0 for an absent group),
+      ``alpha <- alpha·exp(eta_alpha·L)`` normalized; the weights are renormalized over the groups
+      present, sample i of group g gets ``alpha_g / (n_g·sum_{present} alpha)``, and the value is
+      ``sum_{present} alpha_g L_g / sum_{present} alpha``: the weights are a distribution.
+    * ``official``: the update of the official GR-DPO code, github.com/rsshyam/
+      Group-robust-preference-optimization, ``src/trainers/grouptrainer.py`` (``GroupTrainer.
+      compute_group_metric`` and ``compute_robust_loss``, the same in ``grouptrainerearlystop.py``;
+      ``config/loss/rdpo.yaml`` and ``ripo.yaml`` set ``divide_by_totalcount: True``). With
+      ``shares`` (the training set's size of each group, counts or fractions, normalized here):
+      ``L_g = N·S_g / N_g = S_g / share_g``, the code's ``total_count * (group_map @ losses) /
+      group_counts`` with dataset counts; without: its ``divide_by_totalcount=False`` branch,
+      ``L_g = S_g / max(n_g, 1)``. Then ``alpha <- alpha·exp(eta_alpha·L)`` normalized over all K
+      groups, **no** renormalization over the groups present, value ``sum_g alpha_g L_g`` and
+      sample i of group g weighted ``alpha_g / share_g`` (resp. ``alpha_g / n_g``). With shares the
+      weights sum to about the batch size, not 1 (``E[S_g] = B·share_g·mean_g``): the official
+      robust loss is on the scale of a batch sum. Unlike the official trainer, which updates alpha
+      once per micro-batch and rank, alpha is updated once per optimizer step over the global
+      batch (equal to the official code with one micro-batch on one device).
+
+    In both, alpha is updated first and the step is weighted by the updated alpha, held constant
+    for the gradient (the official code's ``adjusted_loss = group_loss.clone().detach()``).
+    """
+    if update not in GROUP_UPDATES:
+        raise ValueError(f"unknown group update {update!r}; known: {', '.join(GROUP_UPDATES)}")
+    x, _ = _prepare(losses, None)
+    eta_alpha = _check_radius("eta_alpha", eta_alpha)
+    groups = groups.to(device=x.device, dtype=torch.long)
+    if groups.shape != x.shape or int(groups.min()) < 0:
+        raise ValueError("groups must be non-negative ids with the shape of losses")
+    alpha, log_norm = _group_state(state or {}, n_groups, int(groups.max()) + 1, x.device)
+    k = alpha.numel()
+    if int(groups.max()) >= k:
+        raise ValueError(f"groups must be ids in [0, {k}) with the shape of losses")
+    counts = torch.zeros(k, dtype=torch.float64, device=x.device).index_add_(0, groups, torch.ones_like(x))
+    sums = torch.zeros_like(counts).index_add_(0, groups, x)
+    if update == "official" and shares is not None:
+        denom = _shares(shares, k, counts)
+    else:
+        denom = counts.clamp_min(1.0)
+    group_loss = sums / denom
+    log_alpha = torch.log(alpha.clamp_min(1e-300)) + eta_alpha * group_loss
+    new_alpha = torch.softmax(log_alpha, 0)
+    new_state = {"alpha": new_alpha, "log_norm": log_norm + torch.logsumexp(log_alpha, 0)}
+    if update == "official":
+        p = new_alpha[groups] / denom[groups]
+        value = (new_alpha * group_loss).sum()
+    else:
+        active = new_alpha * (counts > 0)
+        active = active / active.sum()
+        p = active[groups] / denom[groups]
+        value = (active * group_loss).sum()
+    return p.to(losses.dtype), value.to(losses.dtype), new_state
+
+
+def _group_state(state: dict, n_groups: int | None, needed: int, device) -> tuple[Tensor, Tensor]:
+    """``(alpha, log_norm)`` of the state, created or grown to K groups (``group_step``'s rule)."""
+    alpha = state.get("alpha")
+    have = 0 if alpha is None else alpha.numel()
+    if n_groups is not None:
+        if n_groups < 1 or have > n_groups:
+            raise ValueError(f"n_groups = {n_groups}, but the group state holds {have} groups")
+        k = n_groups
+    else:
+        k = max(have, needed)
+    if alpha is None:
+        return torch.full((k,), 1.0 / k, dtype=torch.float64, device=device), _f64(math.log(k), device)
+    alpha = alpha.detach().to(device=device, dtype=torch.float64)
+    log_norm = state.get("log_norm")
+    log_norm = _f64(math.log(have), device) if log_norm is None else _f64(log_norm, device)
+    if k == have:
+        return alpha, log_norm
+    grown = torch.logaddexp(log_norm, _f64(math.log(k - have), device))
+    new = torch.full((k - have,), 1.0, dtype=torch.float64, device=device)
+    return torch.cat([alpha * torch.exp(log_norm - grown), new * torch.exp(-grown)]), grown
+
+
+def _f64(value, device) -> Tensor:
+    return torch.as_tensor(value, dtype=torch.float64).to(device).reshape(())
+
+
+def _shares(shares, k: int, counts: Tensor) -> Tensor:
+    """The training set's group fractions (counts or fractions, normalized), validated."""
+    s = torch.as_tensor(shares, dtype=torch.float64).to(counts.device).flatten()
+    if s.numel() != k or not torch.isfinite(s).all() or (s < 0).any() or float(s.sum()) <= 0:
+        raise ValueError(f"group shares must be {k} non-negative numbers (counts or fractions)")
+    s = s / s.sum()
+    if ((s == 0) & (counts > 0)).any():
+        raise ValueError("a group with share 0 in the training set appears in the batch")
+    return s.clamp_min(1e-300)
+
+
 def group_weights(
     losses: Tensor, groups: Tensor, alpha: Tensor, eta_alpha: float
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -202,25 +327,10 @@ def group_weights(
 
     With ``L_g`` the mean loss of group g in the batch, ``alpha <- alpha·exp(eta_alpha·L_g)``,
     normalized; each sample of group g then gets ``alpha_g / n_g`` (renormalized over the groups
-    present). Returns ``(weights, value = sum_g alpha_g L_g, new_alpha)``; alpha is training state.
+    present). Returns ``(weights, value = sum_g alpha_g L_g, new_alpha)``; alpha is training state,
+    with one entry per group (``len(alpha)`` groups). ``group_step`` is the stateful form.
     """
-    x, _ = _prepare(losses, None)
-    eta_alpha = _check_radius("eta_alpha", eta_alpha)
-    alpha = alpha.detach().to(torch.float64)
-    n_groups = alpha.numel()
-    groups = groups.to(torch.long)
-    if groups.shape != x.shape or int(groups.min()) < 0 or int(groups.max()) >= n_groups:
-        raise ValueError(f"groups must be ids in [0, {n_groups}) with the shape of losses")
-    counts = torch.zeros(n_groups, dtype=torch.float64, device=x.device).index_add_(
-        0, groups, torch.ones_like(x)
+    p, value, state = group_step(
+        losses, groups, {"alpha": alpha}, eta_alpha, n_groups=alpha.numel(), update="bench"
     )
-    sums = torch.zeros_like(counts).index_add_(0, groups, x)
-    present = counts > 0
-    group_loss = torch.where(present, sums / counts.clamp_min(1), torch.zeros_like(sums))
-    log_alpha = torch.log(alpha.clamp_min(1e-300)) + eta_alpha * group_loss
-    new_alpha = torch.softmax(log_alpha, 0)
-    active = new_alpha * present
-    active = active / active.sum()
-    p = active[groups] / counts[groups]
-    value = (active * group_loss).sum()
-    return p.to(losses.dtype), value.to(losses.dtype), new_alpha.to(alpha.dtype)
+    return p, value, state["alpha"]  # float64, as the state keeps it

@@ -197,3 +197,186 @@ def test_properties_kl_penalized_decreasing_in_tau(losses, t1, t2):
 
 def test_hparams_cover_every_loss():
     assert {m.loss for m in map(methods.get, ALL)} <= set(HPARAMS)
+
+
+def hand_built_wasserstein(model, data, form, rho):
+    """Per-sample input gradients one by one, the objective of ``form`` assembled by hand."""
+    method = methods.get("w-rebel")
+    model.zero_grad()
+    losses, (x,) = losses_fn(method, model, data)(torch.arange(len(data["pref"])))
+    g = torch.stack(
+        [torch.autograd.grad(losses[i], x, create_graph=True)[0][i].pow(2).sum() for i in range(len(losses))]
+    )
+    if form == "sqrt_mean":
+        objective = losses.mean() + rho * torch.sqrt(g.mean() + 1e-12)
+    else:
+        objective = (losses + rho * g).mean()
+    objective.backward()
+    return objective.detach(), [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("form", ["sqrt_mean", "per_sample_sq"])
+@pytest.mark.parametrize("micro", [0, 16, 5])
+def test_wasserstein_forms_match_a_hand_built_objective(form, micro):
+    """Both forms' value and gradient (one pass and accumulated) against a per-sample loop."""
+    method, rho = methods.get("w-rebel"), 0.3
+    model, data = make(7)
+    value, slow = hand_built_wasserstein(model, data, form, rho)
+    model.zero_grad()
+    stats = methods.backward_robust(
+        method, rho, 64, losses_fn(method, model, data), micro_batch=micro, w_form=form
+    )
+    torch.testing.assert_close(stats.value, value, rtol=1e-12, atol=1e-12)
+    for p, b in zip(model.parameters(), slow, strict=True):
+        torch.testing.assert_close(p.grad, b, rtol=1e-10, atol=1e-12)
+    assert float(stats.weights.sum()) == pytest.approx(1.0, abs=1e-14)
+    assert float(stats.weights.min()) == pytest.approx(1 / 64, abs=1e-16)
+
+
+def test_wasserstein_forms_by_hand():
+    """Losses [1, 3], norms [4, 16], rho 0.5: sqrt_mean 2 + 0.5·sqrt(10); per_sample_sq 2 + 0.5·10."""
+    method = methods.get("wdpo")
+    losses, g = torch.tensor([1.0, 3.0], dtype=torch.float64), torch.tensor([4.0, 16.0], dtype=torch.float64)
+    root = methods.global_weights(method, 0.5, losses, grad_sq=g)
+    assert float(root.value) == pytest.approx(2 + 0.5 * 10**0.5, abs=1e-6)  # 3.5811388
+    assert float(root.grad_scale) == pytest.approx(0.5 / (2 * (10 + 1e-12) ** 0.5), rel=1e-12)
+    square = methods.global_weights(method, 0.5, losses, grad_sq=g, w_form="per_sample_sq")
+    assert float(square.value) == pytest.approx(7.0, abs=1e-12)
+    assert float(square.grad_scale) == 0.5
+    # The local share of a slice: sum p_i l_i + c·sum g_i / N.
+    share = methods.local_objective(square, losses[1:], 1, g[1:])
+    assert float(share) == pytest.approx(0.5 * 3 + 0.5 * 16 / 2, abs=1e-12)
+    zero = methods.global_weights(method, 0.5, losses, grad_sq=torch.zeros(2, dtype=torch.float64))
+    assert float(zero.value) == pytest.approx(2 + 0.5e-6, abs=1e-12)  # sqrt(0 + 1e-12) = 1e-6
+    assert float(zero.grad_scale) == pytest.approx(0.5 / 2e-6, rel=1e-12)  # finite
+
+
+def test_objective_errors_are_clear():
+    losses = torch.ones(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown Wasserstein form 'sq'"):
+        methods.global_weights(methods.get("w-rebel"), 0.1, losses, grad_sq=losses, w_form="sq")
+    with pytest.raises(ValueError, match="w-rebel needs the per-sample input-gradient norms"):
+        methods.global_weights(methods.get("w-rebel"), 0.1, losses)
+    with pytest.raises(ValueError, match="w-rebel needs the inputs"):
+        methods.robust_objective(methods.get("w-rebel"), 0.1, losses)
+    with pytest.raises(ValueError, match="gr-dpo needs a group id per sample"):
+        methods.global_weights(methods.get("gr-dpo"), 0.1, losses)
+    odd = methods.Method("odd", "dpo", methods.registry.Aggregator("odd", None, None, kind="mystery"), "")
+    with pytest.raises(ValueError, match="aggregator 'odd' has unknown kind 'mystery'"):
+        methods.global_weights(odd, 0.1, losses)
+
+
+def test_local_objective_takes_its_slice_of_the_weights():
+    stats = methods.GlobalWeights(torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), torch.tensor(0.0))
+    part = methods.local_objective(stats, torch.tensor([10.0, 100.0], dtype=torch.float64), 2)
+    assert float(part) == pytest.approx(0.3 * 10 + 0.4 * 100, abs=1e-12)
+
+
+class FakeDist:
+    """Two ranks in one process: ``all_gather`` hands back every rank's block (torch's contract:
+    each output has the input's shape and dtype)."""
+
+    def __init__(self, rank, blocks):
+        self.rank, self.blocks, self.calls = rank, blocks, 0
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def get_rank(self):
+        return self.rank
+
+    def get_world_size(self):
+        return len(self.blocks)
+
+    def all_gather(self, out, tensor):
+        assert len(out) == len(self.blocks)
+        assert all(o.shape == tensor.shape and o.dtype == tensor.dtype for o in out)
+        own = self.blocks[self.rank]
+        if self.calls == 0:  # the lengths
+            assert tensor.tolist() == [own.numel()]
+            values = [torch.tensor([b.numel()]) for b in self.blocks]
+        else:  # the blocks, zero-padded to the longest
+            assert tensor.numel() == max(b.numel() for b in self.blocks)
+            assert tensor[: own.numel()].tolist() == own.tolist() and not tensor[own.numel() :].any()
+            values = [
+                torch.cat([b, torch.zeros(tensor.numel() - b.numel(), dtype=b.dtype)]) for b in self.blocks
+            ]
+        for o, v in zip(out, values, strict=True):
+            o.copy_(v)
+        self.calls += 1
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_gather_detached_joins_ranks_of_different_lengths(monkeypatch, rank):
+    from methods import distributed
+
+    blocks = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0])]
+    monkeypatch.setattr(distributed, "dist", FakeDist(rank, blocks))
+    assert distributed.world() == (rank, 2)
+    local = blocks[rank].clone().requires_grad_(True)
+    full, offset = distributed.gather_detached(local)
+    assert full.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert offset == [0, 3][rank]
+    assert not full.requires_grad
+
+
+def test_world_outside_torch_distributed(monkeypatch):
+    from methods import distributed
+
+    class Off(FakeDist):
+        def is_initialized(self):
+            return False
+
+    monkeypatch.setattr(distributed, "dist", Off(1, [torch.ones(1)] * 2))
+    assert distributed.world() == (0, 1)
+    local = torch.tensor([2.0, 3.0], requires_grad=True)
+    full, offset = distributed.gather_detached(local)
+    assert full.tolist() == [2.0, 3.0] and offset == 0 and not full.requires_grad
+
+
+@pytest.fixture
+def scratch_registry():
+    """Names registered by a test, removed again afterwards."""
+    added = []
+    yield added
+    for registry, name in added:
+        registry._items.pop(name, None)
+
+
+def test_register_aggregator_and_method(scratch_registry):
+    from bench.core.registry import UnknownNameError
+    from methods.registry import AGGREGATORS, METHODS, Knob
+
+    def tilt(losses, radius):
+        """Doc line of the weights."""
+        return methods.AGGREGATORS.get("erm").weights(losses, radius)
+
+    scratch_registry += [(AGGREGATORS, "t-agg"), (AGGREGATORS, "t-group"), (METHODS, "t-m")]
+    knob = Knob("r", 0.5, 0.1, 1.0, larger_is_more_robust=True)
+    assert methods.register_aggregator("t-agg", knob)(tilt) is tilt
+    agg = AGGREGATORS.get("t-agg")
+    assert (agg.name, agg.knob, agg.weights, agg.kind) == ("t-agg", knob, tilt, "weights")
+    assert agg.description == "Doc line of the weights."
+    methods.register_aggregator("t-group", None, kind="group", description="explicit")(tilt)
+    group = AGGREGATORS.get("t-group")
+    assert (group.kind, group.description, group.knob) == ("group", "explicit", None)
+    method = methods.register_method("t-m", "ipo", "t-agg", "a test method", "nowhere")
+    assert METHODS.get("t-m") is method is methods.get("t-m")
+    assert (method.name, method.loss, method.aggregator, method.description, method.reference) == (
+        "t-m",
+        "ipo",
+        agg,
+        "a test method",
+        "nowhere",
+    )
+    assert method.knob is knob and method.base == "ipo"
+    with pytest.raises(UnknownNameError, match="unknown loss 'hinge'"):
+        methods.register_method("t-bad", "hinge", "t-agg", "")
+    with pytest.raises(UnknownNameError, match="unknown aggregator 'nope'"):
+        methods.register_method("t-bad", "dpo", "nope", "")
+    assert "t-bad" not in METHODS
+    with pytest.raises(ValueError, match="already registered"):
+        methods.register_method("t-m", "dpo", "t-agg", "")

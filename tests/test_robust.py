@@ -200,3 +200,49 @@ def test_chi2_large_n_is_fast_enough_and_exact():
     if bool((p > 0).all()):
         assert float(value) == pytest.approx(float(expected), rel=1e-9)
     assert float((p * losses).sum()) == pytest.approx(float(value), rel=1e-9)
+
+
+# Fast certificates of the chi2 and KL-ball solutions (milliseconds; the SLSQP tests above take
+# seconds): the value equals the 1-D dual's minimum, and the weights are the dual's worst case
+# (the right shape, on the ball's boundary, a distribution) with p·l = value.
+
+
+@pytest.mark.parametrize("losses", CASES)
+@pytest.mark.parametrize("rho", [0.01, 0.1, 0.5, 2.0])
+def test_chi2_is_certified_by_its_dual(losses, rho):
+    p, value = chi2_weights(torch.tensor(losses), rho)
+    n, p = len(losses), p.numpy()
+    c = math.sqrt(1 + 2 * rho)
+    dual = optimize.minimize_scalar(
+        lambda eta: eta + c * math.sqrt(np.mean(np.maximum(losses - eta, 0) ** 2)),
+        bounds=(losses.min() - 100, losses.max()),
+        method="bounded",
+        options={"xatol": 1e-12},
+    )
+    assert float(value) == pytest.approx(dual.fun, abs=1e-7)
+    excess = np.maximum(losses - dual.x, 0)
+    np.testing.assert_allclose(p, excess / excess.sum(), atol=1e-5)
+    assert 0.5 * n * np.sum((p - 1 / n) ** 2) == pytest.approx(rho, rel=1e-6)  # on the boundary
+    assert p.min() >= 0 and p.sum() == pytest.approx(1.0, abs=1e-12)
+    assert float(p @ losses) == pytest.approx(float(value), abs=1e-9)
+
+
+@pytest.mark.parametrize("losses", CASES)
+@pytest.mark.parametrize("eps", [0.001, 0.05, 0.3, 1.0])
+def test_kl_ball_is_certified_by_its_dual(losses, eps):
+    p, value = kl_constrained(torch.tensor(losses), eps)
+    n, p = len(losses), p.numpy()
+
+    def dual(log_lam):
+        lam = math.exp(log_lam)
+        return lam * eps + lam * (special.logsumexp(losses / lam) - math.log(n))
+
+    res = optimize.minimize_scalar(dual, bounds=(-12, 8), method="bounded", options={"xatol": 1e-12})
+    assert float(value) == pytest.approx(res.fun, abs=1e-6)
+    np.testing.assert_allclose(p, special.softmax(losses / math.exp(res.x)), atol=1e-4)
+    assert float(np.sum(special.xlogy(p, n * p))) == pytest.approx(eps, rel=1e-6)  # on the boundary
+    tilt = np.log(p) - np.log(p[0])  # p ∝ exp(t·l): log p is affine in l
+    slope = tilt[np.argmax(losses)] / (losses.max() - losses[0])
+    np.testing.assert_allclose(tilt, slope * (losses - losses[0]), atol=1e-8)
+    assert slope > 0 and p.sum() == pytest.approx(1.0, abs=1e-12)
+    assert float(p @ losses) == pytest.approx(float(value), abs=1e-9)
