@@ -1,5 +1,6 @@
 """Gradients of the robust objectives: envelope theorem, batching invariance, the W penalty."""
 
+import math
 import os
 import socket
 import subprocess
@@ -380,3 +381,22 @@ def test_register_aggregator_and_method(scratch_registry):
     assert "t-bad" not in METHODS
     with pytest.raises(ValueError, match="already registered"):
         methods.register_method("t-m", "dpo", "t-agg", "")
+
+
+def test_knob_validate():
+    from methods.registry import Knob
+
+    knob = Knob("rho", 0.01, 1e-3, 2.0, larger_is_more_robust=True)
+    assert knob.validate(None) == 0.01
+    assert knob.validate(1) == 1.0 and isinstance(knob.validate(1), float)
+    assert knob.validate(1e-3) == 1e-3 and knob.validate(2.0) == 2.0  # the range is closed
+    assert knob.validate(0) == 0.0  # zero switches the robustness off, whatever the range
+    for bad in (-0.5, math.nan):
+        with pytest.raises(ValueError, match=r"^rho = .*: a radius must be a non-negative number"):
+            knob.validate(bad)
+    with pytest.raises(ValueError, match=r"^method\.rho = 2\.5 is outside the valid range \[0\.001, 2\.0\]"):
+        knob.validate(2.5, where="method.rho")
+    with pytest.raises(ValueError, match=r"^rho = 0\.0005 is outside"):
+        knob.validate(5e-4)
+    assert Knob("t", 1.0, 0.0, 1.0, larger_is_more_robust=False).validate(0.0) == 0.0
+    assert knob.log and knob.larger_is_more_robust

@@ -318,3 +318,14 @@ def test_bernoulli_labels_are_bt_samples():
 def test_unknown_label_kind_raises():
     with pytest.raises(ValueError, match="unknown label kind 'hard'"):
         preference_labels(REWARDS, "hard")
+
+
+def test_label_losses_need_pref_and_keep_the_policy_dtype():
+    no_pref = PairScores(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2))
+    for fn in (lambda s: dpo_loss(s, 1.0), lambda s: ipo_loss(s, 1.0)):
+        with pytest.raises(ValueError, match=r"^this loss needs pref in the pair scores$"):
+            fn(no_pref)
+    s = scores(dtype=torch.float32)
+    s.pref = s.pref.double()  # float64 labels do not promote float32 losses
+    for out in (dpo_loss(s, 0.5), ipo_loss(s, 0.5), bt_loss(s)):
+        assert out.dtype == torch.float32

@@ -246,3 +246,67 @@ def test_kl_ball_is_certified_by_its_dual(losses, eps):
     np.testing.assert_allclose(tilt, slope * (losses - losses[0]), atol=1e-8)
     assert slope > 0 and p.sum() == pytest.approx(1.0, abs=1e-12)
     assert float(p @ losses) == pytest.approx(float(value), abs=1e-9)
+
+
+@pytest.mark.parametrize("fn,radius", ALL)
+def test_float32_losses_get_float32_weights_and_value(fn, radius):
+    p, value = fn(torch.tensor([0.5, 2.0, 1.0]), radius)
+    assert p.dtype == torch.float32 and value.dtype == torch.float32
+
+
+def test_bad_losses_and_bases_are_clear_errors():
+    for bad in (torch.ones(2, 2), torch.ones(0)):
+        with pytest.raises(ValueError, match=rf"non-empty 1-D tensor, got shape \({bad.shape[0]},"):
+            chi2_weights(bad, 0.1)
+    nans = torch.tensor([0.0, math.nan, 1.0, math.inf, math.nan, math.nan, -math.inf, math.nan])
+    with pytest.raises(ValueError, match=r"NaN or inf at positions \[1, 3, 4, 5, 6\];"):
+        kl_weights(nans, 0.1)
+    losses = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    for base in ([0.5, 0.5], [0.5, 0.6, -0.1], [0.4, 0.4, 0.21], [0.5, 0.5, 0.5]):
+        with pytest.raises(ValueError, match=r"^base must be a distribution with the same shape as losses$"):
+            tv_weights(losses, 0.1, base=torch.tensor(base, dtype=torch.float64))
+    p, _ = tv_weights(losses, 0.1, base=torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64))  # zeros are fine
+    assert p.tolist() == pytest.approx([0.0, 0.4, 0.6], abs=1e-12)
+    p, _ = tv_weights(losses, 0.0, base=torch.tensor([0.2, 0.3, 0.5000001], dtype=torch.float64))
+    assert float(p.sum()) == pytest.approx(1.0, abs=1e-15)  # renormalized within the tolerance
+    assert p.dtype == torch.float64
+
+
+@pytest.mark.parametrize(
+    "fn,name,upper", [(kl_weights, "tau", "inf"), (tv_weights, "rho", "1.0"), (chi2_weights, "rho", "inf")]
+)
+def test_radius_errors_name_the_radius_and_its_range(fn, name, upper):
+    for bad in (-0.1, math.nan) + ((1.5,) if upper == "1.0" else ()):
+        with pytest.raises(ValueError, match=rf"^{name} must lie in \[0, {upper}\], got"):
+            fn(torch.tensor([1.0, 2.0]), bad)
+
+
+def test_weighted_base_in_the_closed_forms():
+    """kl and softmin with a base q: p ∝ q·exp(±l/tau), value ±tau·log E_q exp(±l/tau)."""
+    losses = np.array([0.3, 2.0, -1.0, 0.7])
+    q = np.array([0.1, 0.2, 0.3, 0.4])
+    lt, qt = torch.tensor(losses), torch.tensor(q)
+    for fn, sign in ((kl_weights, 1.0), (softmin_weights, -1.0)):
+        p, value = fn(lt, 0.5, base=qt)
+        expected = q * np.exp(sign * losses / 0.5)
+        np.testing.assert_allclose(p.numpy(), expected / expected.sum(), atol=1e-12)
+        assert float(value) == pytest.approx(sign * 0.5 * math.log(expected.sum()), abs=1e-12)
+
+
+def test_ties_at_the_max_share_the_base_mass():
+    """The worst case on the largest loss keeps q's proportions among the tied maxima."""
+    losses = torch.tensor([2.0, 1.0, 2.0], dtype=torch.float64)
+    q = torch.tensor([0.1, 0.6, 0.3], dtype=torch.float64)
+    for fn, radius in ((tv_weights, 1.0), (kl_weights, 0.0), (kl_constrained, 10.0)):
+        p, value = fn(losses, radius, base=q)
+        assert p.tolist() == pytest.approx([0.25, 0.0, 0.75], abs=1e-12)
+        assert float(value) == pytest.approx(2.0, abs=1e-12)
+
+
+def test_kl_ball_edges():
+    with pytest.raises(ValueError, match=r"^radius must lie in \[0, inf\]"):
+        kl_constrained(torch.tensor([1.0, 2.0]), -1.0)
+    # Losses symmetric about 0 (max + min = 0) are tilted like any others.
+    p, value = kl_constrained(torch.tensor([-1.0, 1.0], dtype=torch.float64), 0.1)
+    kl = float(np.sum(special.xlogy(p.numpy(), 2 * p.numpy())))
+    assert kl == pytest.approx(0.1, rel=1e-6) and float(value) > 0
