@@ -323,9 +323,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from bench.harness.leaderboard import load_records
     from bench.harness.records import write_json_atomic
-    from bench.loops.capability import lmeval_scores
+    from bench.loops.capability import install_task_modules, lmeval_scores, require_task_modules
 
     names = split_list(args.tasks)
+    if args.install:
+        install_task_modules(names)
+    require_task_modules(names)
+    chat_template = {"auto": None, "on": True, "off": False}[args.chat_template]
     records = [
         r
         for r in load_records(Path(args.results), args.task)
@@ -339,7 +343,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             continue
         tok = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder).eval()
-        scores = lmeval_scores(model, tok, names, limit=args.limit)
+        scores = lmeval_scores(model, tok, names, limit=args.limit, chat_template=chat_template)
         path = Path(rec.pop("path"))
         rec["capabilities"] = {**rec.get("capabilities", {}), **scores}
         write_json_atomic(path, rec)
@@ -400,6 +404,13 @@ def add_grid_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--radii", default=None, help="radii for every robust method's own knob, e.g. 0.01,0.1")
     p.add_argument("--sizes", default=None, help="model sizes (the task's size key), e.g. tiny,small")
     p.add_argument("--scales", default=None, help="data scales (task.n), e.g. 100,200")
+
+
+def cmd_protocols(args: argparse.Namespace) -> int:
+    from bench.harness.protocols import markdown
+
+    print(markdown(), end="")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -485,6 +496,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="only records of this bench task")
     p.add_argument("--method", default=None)
     p.add_argument("--limit", type=int, default=None, help="items per lm-eval task")
+    p.add_argument(
+        "--chat-template",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="chat-formatted prompts, few-shot examples as turns (auto: when the tokenizer has a template)",
+    )
+    p.add_argument(
+        "--install",
+        action="store_true",
+        help="pip-install the packages the tasks need (the extra leaderboard) before scoring",
+    )
     p.add_argument("--results", default="results")
     p.set_defaults(fn=cmd_eval)
 
@@ -520,6 +542,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--readme", action="store_true", help="refresh the marked results section of the README")
     p.add_argument("--readme-path", default="README.md")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser(
+        "protocols", help="each paper task's published protocol: published value, bench's, source"
+    )
+    p.set_defaults(fn=cmd_protocols)
 
     p = sub.add_parser("leaderboard", help="print the leaderboard of the records under --results")
     p.add_argument("--task", default=None)

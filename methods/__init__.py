@@ -8,6 +8,7 @@ from torch import Tensor
 
 from methods.objective import (
     GlobalWeights,
+    GroupOptions,
     Objective,
     accumulate_gradients,
     backward_robust,
@@ -49,6 +50,7 @@ __all__ = [
     "METHODS",
     "Aggregator",
     "GlobalWeights",
+    "GroupOptions",
     "Knob",
     "Method",
     "Objective",

@@ -27,6 +27,19 @@ from methods.registry import Method
 from methods.wasserstein import SQRT_EPS, grad_sq_norms
 
 
+@dataclass(frozen=True)
+class GroupOptions:
+    """How GR-DPO / GR-IPO count and update groups (``robust.group_step``).
+
+    ``n_groups``: the task's number of groups (None: grown from the ids seen); ``update``:
+    ``bench`` or ``official``; ``shares``: the training set's size of each group (official update).
+    """
+
+    n_groups: int | None = None
+    update: str = "bench"
+    shares: Tensor | Sequence[float] | None = None
+
+
 @dataclass
 class GlobalWeights:
     """Detached statistics of one optimizer step over the global batch."""
@@ -46,15 +59,11 @@ def global_weights(
     groups: Tensor | None = None,
     state: dict | None = None,
     w_form: str = "sqrt_mean",
-    n_groups: int | None = None,
-    group_update: str = "bench",
-    group_shares: Tensor | Sequence[float] | None = None,
+    group_options: GroupOptions | None = None,
 ) -> GlobalWeights:
     """Weights and value of ``method`` from the detached losses of the whole global batch.
 
-    Group methods (GR-DPO, GR-IPO) take ``n_groups`` (the task's number of groups; None: grown
-    from the ids seen), ``group_update`` (``bench`` or ``official``) and ``group_shares`` (the
-    training set's size of each group, for the official update); see ``robust.group_step``.
+    Group methods (GR-DPO, GR-IPO) take ``groups`` (an id per sample) and ``group_options``.
     """
     agg = method.aggregator
     losses = losses.detach()
@@ -65,8 +74,9 @@ def global_weights(
     if agg.kind == "group":
         if groups is None:
             raise ValueError(f"{method.name} needs a group id per sample")
+        opts = group_options or GroupOptions()
         p, value, new_state = robust.group_step(
-            losses, groups, state, radius, n_groups=n_groups, update=group_update, shares=group_shares
+            losses, groups, state, radius, n_groups=opts.n_groups, update=opts.update, shares=opts.shares
         )
         return GlobalWeights(p, value, state=new_state)
     if agg.kind == "wasserstein":
@@ -110,9 +120,7 @@ def robust_objective(
     groups: Tensor | None = None,
     state: dict | None = None,
     w_form: str = "sqrt_mean",
-    n_groups: int | None = None,
-    group_update: str = "bench",
-    group_shares: Tensor | Sequence[float] | None = None,
+    group_options: GroupOptions | None = None,
 ) -> Objective:
     """One step's objective when each rank holds its whole local batch (no accumulation).
 
@@ -138,9 +146,7 @@ def robust_objective(
         groups=global_groups,
         state=state,
         w_form=w_form,
-        n_groups=n_groups,
-        group_update=group_update,
-        group_shares=group_shares,
+        group_options=group_options,
     )
     return Objective(local_objective(stats, losses, offset, grad_sq), stats)
 
@@ -154,9 +160,7 @@ def accumulate_gradients(
     groups: Tensor | None = None,
     state: dict | None = None,
     w_form: str = "sqrt_mean",
-    n_groups: int | None = None,
-    group_update: str = "bench",
-    group_shares: Tensor | Sequence[float] | None = None,
+    group_options: GroupOptions | None = None,
 ) -> GlobalWeights:
     """Backpropagate the robust objective of a step split into micro-batches (and ranks).
 
@@ -189,9 +193,7 @@ def accumulate_gradients(
         groups=global_groups,
         state=state,
         w_form=w_form,
-        n_groups=n_groups,
-        group_update=group_update,
-        group_shares=group_shares,
+        group_options=group_options,
     )
     for mb, part in zip(micro_batches, parts, strict=True):
         losses, inputs = losses_fn(mb)
@@ -211,9 +213,7 @@ def backward_robust(
     groups: Tensor | None = None,
     state: dict | None = None,
     w_form: str = "sqrt_mean",
-    n_groups: int | None = None,
-    group_update: str = "bench",
-    group_shares: Tensor | Sequence[float] | None = None,
+    group_options: GroupOptions | None = None,
 ) -> GlobalWeights:
     """Backpropagate one step's robust objective over ``n`` local samples.
 
@@ -231,9 +231,7 @@ def backward_robust(
             groups=groups,
             state=state,
             w_form=w_form,
-            n_groups=n_groups,
-            group_update=group_update,
-            group_shares=group_shares,
+            group_options=group_options,
         )
     losses, inputs = losses_fn(rows)
     objective = robust_objective(
@@ -244,9 +242,7 @@ def backward_robust(
         groups=groups,
         state=state,
         w_form=w_form,
-        n_groups=n_groups,
-        group_update=group_update,
-        group_shares=group_shares,
+        group_options=group_options,
     )
     objective.loss.backward()
     return objective.stats

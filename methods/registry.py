@@ -73,10 +73,22 @@ class Method:
         return self.aggregator.knob
 
     @property
+    def logps_at_sampling_temperature(self) -> bool:
+        """Whether this loss family's official code takes log-probs of logits divided by the sampling
+        temperature (``SAMPLING_TEMPERATURE_LOSSES``)."""
+        return self.loss in SAMPLING_TEMPERATURE_LOSSES
+
+    @property
     def base(self) -> str:
         """The non-robust method this one robustifies (its own name for a base method)."""
         return self.loss
 
+
+# The loss families whose official code divides the policy's and the anchor's logits by the sampling
+# temperature before the log-probs of a pair: REBEL (github.com/ZhaolinGao/REBEL, built on TRL's PPO
+# script, which scales logits by the rollout temperature). TRL's DPOTrainer, Xu et al.'s WDPO/KLDPO,
+# Dr. DPO and GR-DPO take log-probs at temperature 1, and so do IPO and the reward models here.
+SAMPLING_TEMPERATURE_LOSSES = frozenset({"rebel"})
 
 LOSSES: Registry[Callable] = Registry("loss")
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")

@@ -27,7 +27,7 @@ echo "mutmut run took $(($(date +%s) - start)) s in $work"
 import json
 
 s = json.load(open("mutants/mutmut-cicd-stats.json"))
-killed = s["killed"] + s["timeout"] + s["caught_by_type_check"]
+killed = s["killed"] + s["timeout"] + s.get("caught_by_type_check", 0)
 print(f"killed {killed} / {s['total']} mutants ({100 * killed / max(s['total'], 1):.1f} %): {s}")
 PY
 "$python" -m mutmut results  # the mutants not killed (survived, no tests, suspicious, ...)

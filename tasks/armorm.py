@@ -27,17 +27,18 @@ from bench.core.artifacts import cache_dir
 from bench.core.lm import Sampling
 from tasks.armorm_model import GATING_TEXT, HEAD_DEFAULTS, PUBLISHED_GATING_IDS, load_armorm
 from tasks.hub import (
-    PAPER_DEFAULTS,
+    DRO_REBEL_DEFAULTS,
     PromptTask,
     ScoreCache,
     from_pretrained,
     load_splits,
     reward_device,
+    shuffled,
     take,
 )
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
-from tasks.registry import ModelSpec, TaskSpec, register_task
+from tasks.registry import ModelSpec, PaperProtocol, Setting, TaskSpec, register_task
 from tasks.shapes import config_of, policy_and_reference
 
 HEADS = (
@@ -69,7 +70,10 @@ ARMORM = "RLHFlow/ArmoRM-Llama3-8B-v0.1"
 @dataclass
 class ArmoRMConfig:
     size: str = "1b"  # 1b | 3b (any case), or a local model folder
-    dataset: str = "nvidia/HelpSteer2"  # or a local folder of train/validation.jsonl
+    dataset: str = "HuggingFaceH4/helpsteer2"  # or a local folder of <split>.jsonl files
+    train_split: str = "train"  # the training pool (first n) and validation prompts (last n_val)
+    test_split: str = "test"
+    data_seed: int = 1234  # pools drawn by random.Random(data_seed) (test: data_seed + 1)
     reward_model: str = ARMORM  # a Hub id or a local folder in the published ArmoRM layout
     trust_remote_code: bool = False  # true: run ArmoRM's own modelling code from the Hub instead
     reward_dtype: str = "bfloat16"
@@ -90,9 +94,14 @@ class ArmoRMConfig:
             "ArmoRM",
         ]
     )
-    max_new_tokens: int = 256
+    chat_template: bool = False  # the policy prompt in the policy's chat template (off: raw text)
+    standardize: bool = False  # true: heads standardized against the reference (bench's option)
+    max_new_tokens: int = 1024
+    max_prompt_tokens: int = 1024  # a prompt's first tokens kept
     temperature: float = 0.7
     top_p: float = 1.0
+    top_k: int = 50  # the code passes none: transformers' default 50 applies
+    generate_batch: int = 16  # prompts per generate() call (the code: one); bounds the KV cache
 
     def validate(self) -> None:
         bad = [h for h in (*self.seen, *self.evaluate) if h not in HEADS]
@@ -213,39 +222,62 @@ def cache_name(cfg: ArmoRMConfig) -> str:
     return f"{name}--{impl}-{cfg.reward_dtype}-L{cfg.reward_max_length}-raw.jsonl"
 
 
+PROMPT_FIELDS = ("prompt", "instruction", "question", "text")  # the first present (the code's rule)
+
+
+def prompt_field(row: dict) -> str:
+    """The prompt column of a HelpSteer2 row: the first of ``PROMPT_FIELDS`` that it has."""
+    for name in PROMPT_FIELDS:
+        if name in row:
+            return name
+    raise ValueError(f"no prompt column in the dataset's rows: none of {PROMPT_FIELDS} in {sorted(row)}")
+
+
 def build(cfg: ArmoRMConfig) -> PromptTask:
     cfg.validate()
-    rows = load_splits(cfg.dataset, {"train": "train", "validation": "validation"})
+    rows = load_splits(cfg.dataset, {"train": cfg.train_split, "test": cfg.test_split})
     policy = policy_id(cfg)
     from transformers import AutoTokenizer
 
-    tok = from_pretrained(AutoTokenizer, policy, "policy tokenizer")
+    tok = from_pretrained(AutoTokenizer, policy, "policy tokenizer") if cfg.chat_template else None
     raw: dict[str, str] = {}
 
     armorm = ArmoRMPanel(cfg)
     too_long: list[str] = []
 
-    def prompts(items: list[dict]) -> list[Prompt]:
+    def unique_prompts(items: list[dict]) -> list[str]:
+        """The split's distinct prompts in file order (HelpSteer2 has several responses per prompt),
+        without those ArmoRM's window cannot hold."""
         seen, out = set(), []
         for r in items:
-            if r["prompt"] in seen:  # HelpSteer2 has several responses per prompt
+            text = r[prompt_field(r)]
+            if text in seen:
                 continue
-            seen.add(r["prompt"])
-            if not armorm.fits(r["prompt"]):
-                too_long.append(r["prompt"])
-                continue
-            chat = tok.apply_chat_template(
-                [{"role": "user", "content": r["prompt"]}], tokenize=False, add_generation_prompt=True
-            )
-            raw[chat] = r["prompt"]
-            out.append(Prompt(chat, 0, len(out)))
+            seen.add(text)
+            (out if armorm.fits(text) else too_long).append(text)
         return out
 
-    held_out = prompts(rows["validation"])  # HelpSteer2 has no test split: halve its validation split
+    def as_prompts(texts: list[str]) -> list[Prompt]:
+        out = []
+        for text in texts:
+            shown = text
+            if tok is not None:
+                chat = [{"role": "user", "content": text}]
+                shown = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+            raw[shown] = text
+            out.append(Prompt(shown, 0, len(out)))
+        return out
+
+    train = shuffled(unique_prompts(rows["train"]), cfg.data_seed)
+    if cfg.n + cfg.n_val > len(train):
+        raise ValueError(
+            f"task.n + task.n_val = {cfg.n + cfg.n_val} exceeds the {len(train)} prompts of {cfg.train_split}"
+        )
+    test = shuffled(unique_prompts(rows["test"]), cfg.data_seed + 1)
     splits = {
-        "train": take(prompts(rows["train"]), cfg.n, "task.n"),
-        "val": take(held_out[1::2], cfg.n_val, "task.n_val"),
-        "test": take(held_out[0::2], cfg.n_test, "task.n_test"),
+        "train": as_prompts(train[: cfg.n]),
+        "val": as_prompts(train[len(train) - cfg.n_val :]),
+        "test": take(as_prompts(test), cfg.n_test, "task.n_test"),
     }
     if too_long:
         warnings.warn(
@@ -266,8 +298,16 @@ def build(cfg: ArmoRMConfig) -> PromptTask:
         splits,
         RawPromptPanel(panel, raw),
         protocol,
-        Sampling(cfg.max_new_tokens, cfg.temperature, cfg.top_p),
+        Sampling(
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.top_p,
+            top_k=cfg.top_k,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            batch_size=cfg.generate_batch,
+        ),
         policy,
+        standardize=cfg.standardize,
     )
 
 
@@ -281,6 +321,107 @@ def armorm_models(cfg: ArmoRMConfig) -> list[ModelSpec]:
     ]
 
 
+CODE = "github.com/sharansahu/distributionally_robust_rebel@f2cb0ce"
+RUNNER = "experiments/run_armorm_alignment.py"
+PROTOCOL = PaperProtocol(
+    "dro-rebel-armorm",
+    f"the DRO-REBEL code, {CODE}, {RUNNER} (Sahu & Wells, arXiv 2509.19104)",
+    (
+        Setting("policy", "Llama-3.2-1B-Instruct", f"{RUNNER}:309", "task.size", value="1b"),
+        Setting("prompts", "HuggingFaceH4/helpsteer2", f"{RUNNER}:310", "task.dataset"),
+        Setting("training split", "train", f"{RUNNER}:259", "task.train_split"),
+        Setting("test split", "test", f"{RUNNER}:260", "task.test_split"),
+        Setting("pools drawn with random.Random", "1234", f"{RUNNER}:115, 230-231", "task.data_seed"),
+        Setting("training prompt pool", "512", f"{RUNNER}:230", "task.n"),
+        Setting("test prompts", "128", f"{RUNNER}:231", "task.n_test"),
+        Setting(
+            "validation prompts",
+            "none",
+            RUNNER,
+            "task.n_val",
+            departs="the last n_val of the shuffled training split, disjoint from the pool, for tuning",
+        ),
+        Setting(
+            "policy chat template",
+            "false (tokenizer.encode)",
+            f"{RUNNER}:101-102",
+            "task.chat_template",
+            value="false",
+        ),
+        Setting("prompt tokens kept", "1024", f"{RUNNER}:39", "task.max_prompt_tokens"),
+        Setting("new tokens", "1024", f"{RUNNER}:40-42", "task.max_new_tokens"),
+        Setting("temperature", "0.7", f"{RUNNER}:40-42", "task.temperature"),
+        Setting("top-p", "1", f"{RUNNER}:40-42", "task.top_p"),
+        Setting(
+            "top-k", "50 (not passed: transformers' default)", f"{RUNNER}:104-108", "task.top_k", value="50"
+        ),
+        Setting(
+            "scorer",
+            "RLHFlow/ArmoRM-Llama3-8B-v0.1, bf16",
+            f"{RUNNER}:49-57",
+            "task.reward_model",
+            value=ARMORM,
+        ),
+        Setting("scorer tokens", "1024", f"{RUNNER}:73-79, 342", "task.reward_max_length"),
+        Setting(
+            "scorer input",
+            "[user, assistant] chat template, right-truncated, no attention mask",
+            f"{RUNNER}:73-82",
+            departs="padding masked; prompts whose template alone overflows the window are left out "
+            "(truncation would cut the assistant turn ArmoRM's gate reads)",
+            bench="[user, assistant] chat template, right-truncated, masked",
+        ),
+        Setting(
+            "seen objectives", "helpsteer-helpfulness, helpsteer-correctness", f"{RUNNER}:317", "task.seen"
+        ),
+        Setting("alpha0", "0.15 (README: 0.1)", f"{RUNNER}:238, 329", "task.alpha0", value="0.15"),
+        Setting(
+            "evaluation objectives",
+            "helpsteer-helpfulness, helpsteer-correctness, helpsteer-coherence, "
+            "ultrafeedback-truthfulness, ArmoRM",
+            f"{RUNNER}:318",
+            "task.evaluate",
+        ),
+        Setting(
+            "rewards standardized",
+            "false (raw head values)",
+            f"{RUNNER}:138-143",
+            "task.standardize",
+            value="false",
+        ),
+        Setting("DPO labels", "argmax (r1 >= r2)", f"{RUNNER}:184", "method.labels", "dpo", value="argmax"),
+        Setting("iterations", "200", f"{RUNNER}:322", "train.iterations"),
+        Setting("prompts per iteration", "32", f"{RUNNER}:323", "train.batch_size"),
+        Setting("learning rate", "1e-05", f"{RUNNER}:150", "train.lr"),
+        Setting(
+            "weight decay",
+            "0.01 (torch's AdamW default)",
+            "src/models/rebel_optimizers.py:144",
+            "train.weight_decay",
+            value="0.01",
+        ),
+        Setting("warm-up steps", "0", "src/models/rebel_optimizers.py:126-128", "train.warmup"),
+        Setting(
+            "gradient clipping (0: none)", "0", "src/models/rebel_optimizers.py:126-128", "train.grad_clip"
+        ),
+        Setting("log-prob temperature", "1", "src/utils.py:44-50", "method.logp_temperature", "rebel"),
+        Setting("REBEL eta", "0.01", f"{RUNNER}:326", "method.eta"),
+        Setting("DPO beta", "1", f"{RUNNER}:151-153", "method.beta", "dpo"),
+        Setting("W radius rho0 (W-REBEL, WDPO)", "0.5", f"{RUNNER}:327", "method.rho0", "w-rebel"),
+        Setting("KL tau", "0.1", f"{RUNNER}:328", "method.tau", "kl-rebel"),
+        Setting("chi-square rho (= rho0)", "0.5", f"{RUNNER}:157", "method.rho", "chi2-rebel"),
+        Setting("evaluation every", "50", f"{RUNNER}:241", "train.eval_every"),
+        Setting(
+            "seed",
+            "1234",
+            f"{RUNNER}:44-45",
+            departs="every stream seeded from the config",
+            bench="the config's seed",
+        ),
+    ),
+)
+
+
 register_task(
     TaskSpec(
         name="armorm",
@@ -290,18 +431,22 @@ register_task(
         needs="nvidia/HelpSteer2, Llama-3.2-1B/3B-Instruct (gated), ArmoRM-Llama3-8B weights; a GPU",
         description="HelpSteer2 prompts; Llama-3.2 Instruct; ArmoRM 19 objectives + MoE score",
         defaults=(
-            *PAPER_DEFAULTS,
+            *DRO_REBEL_DEFAULTS,
             "train.batch_size=32",
             "train.iterations=200",
             "method.eta=0.01",
             "method.beta=1.0",
             "method.labels=argmax",
+            "method.tau=0.1",
+            "wasserstein:method.rho0=0.5",
+            "chi2:method.rho=0.5",  # the code passes rho0 as the chi-square radius
             # 1B policy + reference + the 8B scorer on one 80 GB GPU (see `bench plan --task armorm`)
             "train.grad_checkpointing=true",
-            "train.micro_batch=8",
+            "train.micro_batch=2",
         ),
         size_key="task.size",
         gpus=1,
         models=armorm_models,
+        protocol=PROTOCOL,
     )
 )

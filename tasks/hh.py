@@ -1,11 +1,13 @@
-"""Anthropic HH alignment: HH-RLHF prompts (the first human turn), GPT-2 / Pythia policies after an
-SFT step on the chosen dialogues, and a panel of a helpfulness and a harmlessness reward model
-from the Hub (configurable ids), mixed with ``alpha0``.
+"""Anthropic HH alignment: HH-RLHF prompts (the first human turn), drawn evenly from the configured
+subsets, GPT-2 / Pythia policies after an SFT step on the chosen dialogues, and a panel of a
+helpfulness and a harmlessness reward model from the Hub (configurable ids), mixed with ``alpha0``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from bench.core.artifacts import artifact_dir, build_once, require
 from bench.core.lm import Sampling
@@ -24,12 +26,16 @@ SIZES = {
     "pythia-2.8b": "EleutherAI/pythia-2.8b",
 }
 TEMPLATE = "\n\n{prompt}{response}"
+# Anthropic/hh-rlhf's preference subsets (data_dir folders); red-team-attempts has another layout
+SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 
 
 @dataclass
 class HHConfig:
     size: str = "pythia-160m"  # a preset name or a local model folder
-    dataset: str = "Anthropic/hh-rlhf"  # or a local folder of train/test.jsonl with chosen/rejected
+    dataset: str = "Anthropic/hh-rlhf"  # or a local folder: <subset>/train|test.jsonl (chosen/rejected)
+    subsets: list[str] = field(default_factory=lambda: list(SUBSETS))  # prompts drawn evenly from each
+    data_seed: int = 0  # the order in which each subset's prompts are drawn
     helpful_rm: str = "Ray2333/gpt2-large-helpful-reward_model"
     harmless_rm: str = "Ray2333/gpt2-large-harmless-reward_model"
     n: int = 1024
@@ -48,6 +54,11 @@ class HHConfig:
     def validate(self) -> None:
         if not 0 <= self.alpha0 <= 1:
             raise ValueError(f"task.alpha0 must lie in [0, 1], got {self.alpha0}")
+        bad = [s for s in self.subsets if s not in SUBSETS]
+        if bad or not self.subsets or len(set(self.subsets)) < len(self.subsets):
+            raise ValueError(
+                f"task.subsets: distinct names among {', '.join(SUBSETS)}; bad: {bad or self.subsets}"
+            )
 
 
 def first_turn(dialogue: str) -> str:
@@ -56,16 +67,26 @@ def first_turn(dialogue: str) -> str:
     return f"Human: {human}\n\nAssistant:"
 
 
+def subset_dirs(cfg: HHConfig) -> list[str | None]:
+    """Each subset's ``data_dir``; a local folder without subset folders is one subset."""
+    local = Path(cfg.dataset)
+    flat = local.is_dir() and not any((local / s).is_dir() for s in cfg.subsets)
+    return [None] if flat else list(cfg.subsets)
+
+
 def artifacts(cfg: HHConfig):
     keys = ("dataset", "sft_epochs", "sft_lr", "prep_batch", "prep_max_len", "prep_examples")
-    return artifact_dir(
-        "hh", {k: v for k, v in asdict(cfg).items() if k in keys} | {"policy": SIZES.get(cfg.size, cfg.size)}
-    )
+    spec = {k: v for k, v in asdict(cfg).items() if k in keys} | {"policy": SIZES.get(cfg.size, cfg.size)}
+    if list(cfg.subsets) != list(SUBSETS):  # all four are the rows SFT read before subsets were set
+        spec["subsets"] = list(cfg.subsets)
+    return artifact_dir("hh", spec)
 
 
 def prepare(cfg: HHConfig) -> str:
-    """SFT of the policy on the chosen dialogues (cached)."""
-    rows = load_splits(cfg.dataset, {"train": "train"})["train"]
+    """SFT of the policy on the chosen dialogues of the subsets (cached)."""
+    rows = [
+        r for d in subset_dirs(cfg) for r in load_splits(cfg.dataset, {"train": "train"}, data_dir=d)["train"]
+    ]
     if cfg.prep_examples:
         rows = rows[: cfg.prep_examples]
     texts = [r["chosen"].strip() for r in rows]
@@ -84,17 +105,56 @@ def prepare(cfg: HHConfig) -> str:
     return str(build_once(artifacts(cfg), build))
 
 
+def subset_prompts(cfg: HHConfig) -> dict[str, list[list[str]]]:
+    """``{split: [each subset's distinct first turns]}`` for train and test, each list shuffled with
+    ``data_seed`` (per subset, so adding a subset leaves the others' order alone)."""
+    out: dict[str, list[list[str]]] = {"train": [], "test": []}
+    for d in subset_dirs(cfg):
+        rows = load_splits(cfg.dataset, {"train": "train", "test": "test"}, data_dir=d)
+        for split, lists in out.items():
+            prompts = list(dict.fromkeys(first_turn(r["chosen"]) for r in rows[split]))
+            random.Random(f"{cfg.data_seed}:{d}:{split}").shuffle(prompts)
+            lists.append(prompts)
+    return out
+
+
+def round_robin(lists: list[list[str]], skip: frozenset[str] = frozenset()) -> list[str]:
+    """One new prompt from each list in turn: a list passes over the prompts already drawn (or in
+    ``skip``) to its next one, and drops out when it runs out."""
+    seen, out = set(skip), []
+    queues = [iter(prompts) for prompts in lists]
+    while queues:
+        for queue in list(queues):
+            prompt = next((p for p in queue if p not in seen), None)
+            if prompt is None:
+                queues.remove(queue)
+            else:
+                seen.add(prompt)
+                out.append(prompt)
+    return out
+
+
+def numbered(texts: list[str], n: int, what: str) -> list[Prompt]:
+    return take([Prompt(t, 0, i) for i, t in enumerate(texts)], n, what)
+
+
+def prompt_splits(cfg: HHConfig) -> dict[str, list[Prompt]]:
+    """Train prompts from the train files; test and val from alternate prompts of each subset's test
+    file, so both are drawn evenly and share no prompt; every split without duplicates."""
+    drawn = subset_prompts(cfg)
+    test = round_robin([h[0::2] for h in drawn["test"]])
+    val = round_robin([h[1::2] for h in drawn["test"]], skip=frozenset(test))
+    return {
+        "train": numbered(round_robin(drawn["train"]), cfg.n, "task.n"),
+        "val": numbered(val, cfg.n_val, "task.n_val"),
+        "test": numbered(test, cfg.n_test, "task.n_test"),
+    }
+
+
 def build(cfg: HHConfig) -> PromptTask:
     cfg.validate()
     folder = require(artifacts(cfg), "hh")
-    rows = load_splits(cfg.dataset, {"train": "train", "test": "test"})
-    train = [Prompt(first_turn(r["chosen"]), 0, i) for i, r in enumerate(rows["train"])]
-    held = [Prompt(first_turn(r["chosen"]), 0, i) for i, r in enumerate(rows["test"])]
-    splits = {
-        "train": take(train, cfg.n, "task.n"),
-        "val": take(held[1::2], cfg.n_val, "task.n_val"),
-        "test": take(held[0::2], cfg.n_test, "task.n_test"),
-    }
+    splits = prompt_splits(cfg)
     panel = StackedPanel(
         [
             SequenceClassifierPanel(

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import threading
 import warnings
 from collections.abc import Iterator
@@ -38,19 +39,23 @@ def _offline_hint() -> str:
     return f" ({', '.join(flags)} is set)" if flags else ""
 
 
-def load_splits(name: str, splits: dict[str, str], config: str | None = None) -> dict[str, list[dict]]:
-    """``{our split: rows}`` from a Hub dataset, or from ``NAME/<split>.jsonl`` files when ``name``
-    is a local folder. Offline or unreachable: ``HubUnavailable`` naming the download command.
+def load_splits(
+    name: str, splits: dict[str, str], config: str | None = None, data_dir: str | None = None
+) -> dict[str, list[dict]]:
+    """``{our split: rows}`` from a Hub dataset (its ``data_dir`` folder if given), or from
+    ``NAME[/DATA_DIR]/<split>.jsonl`` files when ``name`` is a local folder. Offline or unreachable:
+    ``HubUnavailable`` naming the download command.
     """
     from datasets import load_dataset
 
     local = Path(name)
     try:
         if local.is_dir():
-            files = {ours: str(local / f"{theirs}.jsonl") for ours, theirs in splits.items()}
+            folder = local / data_dir if data_dir else local
+            files = {ours: str(folder / f"{theirs}.jsonl") for ours, theirs in splits.items()}
             ds = load_dataset("json", data_files=files)
             return {ours: list(ds[ours]) for ours in splits}
-        ds = load_dataset(name, config) if config else load_dataset(name)
+        ds = load_dataset(name, config, data_dir=data_dir)
         return {ours: list(ds[theirs]) for ours, theirs in splits.items()}
     except (ConnectionError, OSError, ValueError) as err:
         raise HubUnavailable(
@@ -132,11 +137,14 @@ class SequenceClassifierPanel:
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:
+        """``[N, heads]`` rewards; an empty text (a response that is only EOS) is scored as the EOS
+        token, since a classifier needs at least one token to read."""
         texts = (
             responses
             if self.text == "response"
             else [self.template.format(prompt=p, response=r) for p, r in zip(prompts, responses, strict=True)]
         )
+        texts = [t or self.tok.eos_token for t in texts]
         out = []
         device = next(self.model.parameters()).device
         for lo in range(0, len(texts), self.batch_size):
@@ -343,7 +351,21 @@ class ScoreCache:
                 os.close(fd)
 
 
-# The training defaults shared by the paper tasks (emotion, armorm, hh).
+# The training defaults of the DRO-REBEL code's single-GPU path (Emotion and ArmoRM): torch's AdamW
+# at lr 1e-5 with its default weight decay 0.01, no warm-up, no scheduler, no gradient clipping, an
+# evaluation every 50 iterations; log-probs of raw logits for every method (src/utils.py). bench
+# adds checkpoints (they change no number).
+DRO_REBEL_DEFAULTS = (
+    "train.lr=1e-5",
+    "train.weight_decay=0.01",
+    "train.warmup=0",
+    "train.grad_clip=0",
+    "train.eval_every=50",
+    "train.checkpoint_every=10",
+    "method.logp_temperature=1.0",
+)
+
+# The training defaults of the task with no published protocol (hh).
 PAPER_DEFAULTS = (
     "train.iterations=100",
     "train.batch_size=64",
@@ -384,3 +406,11 @@ def take(rows: list[Prompt], n: int, what: str) -> list[Prompt]:
     if n > len(rows):
         raise ValueError(f"{what} = {n} exceeds the {len(rows)} prompts available")
     return rows[:n]
+
+
+def shuffled(rows: list, seed: int) -> list:
+    """``rows`` in the order of Python's ``random.Random(seed).shuffle`` (the DRO-REBEL ArmoRM code's
+    draw of its prompt pools), a new list."""
+    out = list(rows)
+    random.Random(seed).shuffle(out)
+    return out

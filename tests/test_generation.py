@@ -161,6 +161,9 @@ def test_sampling_maps_exactly_onto_vllm_sampling_params():
         vllm_sampling_kwargs(Sampling(), 0, 5)
     with pytest.raises(ValueError):
         vllm_sampling_kwargs(Sampling(temperature=0.0), 2, 5)
+    # The Emotion protocol's settings: top-k 50, a 128-token total budget for a 100-token prompt.
+    emotion = vllm_sampling_kwargs(Sampling(128, 0.7, 0.95, top_k=50, max_total_tokens=128), 1, 5, None, 100)
+    assert (emotion["top_k"], emotion["max_tokens"]) == (50, 28)
 
 
 def test_seeds_follow_the_global_torch_rng_and_never_share_a_stream():
@@ -410,3 +413,25 @@ def test_the_colocate_backend_checks_its_options(tiny):
         colocated(policy, tok, sleep_level=3)
     with pytest.raises(TypeError):
         colocated(policy, tok, gpu_memory=0.5)  # not a VLLMOptions field
+
+
+def test_the_total_budget_caps_each_response_by_its_own_prompt_length():
+    """``max_total_tokens`` bounds prompt + response per prompt in a batch of unequal prompts, as
+    ``generate(max_length=...)`` does for one unpadded prompt; ``max_prompt_tokens`` keeps a prompt's
+    first tokens; ``top_k`` reaches generate."""
+    model, tok = load_policy("tiny")
+    prompts = ["the", "the storm came over the hills and the"]
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    assert lengths[0] < lengths[1]
+    total = lengths[1] + 3
+    torch.manual_seed(0)
+    out = lm.sample(model, tok, prompts, 2, Sampling(50, 1.0, 1.0, top_k=5, max_total_tokens=total))
+    eos = tok.eos_token_id
+    for i, ids in enumerate(out.response_ids):
+        budget = total - lengths[i // 2]
+        assert len(ids) <= budget
+        assert len(ids) == budget or ids[-1] == eos  # only an EOS stops a response early
+    assert Sampling(max_prompt_tokens=2).prompt([5, 6, 7]) == [5, 6]
+    assert Sampling(max_new_tokens=10, max_total_tokens=8).budget(3) == 5
+    assert Sampling(max_new_tokens=4, max_total_tokens=8).budget(3) == 4
+    assert Sampling(max_new_tokens=4).budget(300) == 4

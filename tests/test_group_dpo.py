@@ -227,7 +227,12 @@ def steps_through_the_objective(method, micro, **kwargs):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{}, {"n_groups": 3}, {"n_groups": 3, "group_update": "official", "group_shares": [3, 2, 1]}]
+    "kwargs",
+    [
+        {},
+        {"group_options": methods.GroupOptions(3)},
+        {"group_options": methods.GroupOptions(3, "official", [3, 2, 1])},
+    ],
 )
 def test_backward_robust_over_batches_with_absent_groups(kwargs):
     """backward_robust threads the group options: one pass and micro-batches of 2 agree, and the
@@ -246,7 +251,8 @@ def test_backward_robust_over_batches_with_absent_groups(kwargs):
     assert full[-1][1].state["alpha"].numel() == 3
     # The third batch holds only group 2: bench weights it 1/3 each, official alpha_2 / share_2.
     alpha2 = float(full[-1][1].state["alpha"][2])
-    expected = alpha2 / float(shares[2]) if kwargs.get("group_update") == "official" else 1 / 3
+    official = "group_options" in kwargs and kwargs["group_options"].update == "official"
+    expected = alpha2 / float(shares[2]) if official else 1 / 3
     assert full[-1][1].weights.tolist() == pytest.approx([expected] * 3, abs=1e-12)
 
 
@@ -261,9 +267,7 @@ def test_the_official_gradient_holds_alpha_fixed():
         0.5,
         losses,
         groups=data["groups"],
-        n_groups=3,
-        group_update="official",
-        group_shares=[2, 1, 1],
+        group_options=methods.GroupOptions(3, "official", [2, 1, 1]),
     )
     obj.loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]

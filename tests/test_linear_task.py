@@ -89,3 +89,30 @@ def test_instances_are_reproducible_and_seed_independent():
 def test_bad_task_config_is_rejected_with_the_key():
     with pytest.raises(ValueError, match=r"task\.actions"):
         build_config("linear", "rebel", ["task.actions=1"])
+
+
+def test_group_methods_get_the_tasks_groups_and_the_chosen_update(tmp_path, monkeypatch):
+    """The linear loop hands GR-DPO the task's group count and training shares and the configured
+    update: the official update trains to other numbers than bench's, and both see K = task.groups
+    from the first step (through robust.group_step)."""
+    import methods.robust as robust
+    from bench.loops import linear
+
+    seen = []
+    real = robust.group_step
+
+    def spy(losses, groups, state, eta_alpha, **kwargs):
+        seen.append(kwargs)
+        return real(losses, groups, state, eta_alpha, **kwargs)
+
+    monkeypatch.setattr(robust, "group_step", spy)
+    over = ["task.groups=4", "train.iterations=3", "train.batch_size=8", "train.eval_every=3"]
+    finals = {}
+    for update in ("bench", "official"):
+        cfg = build_config("linear", "gr-dpo", [*over, f"method.group_update={update}"])
+        task = LinearTask(LinearConfig(**{k: v for k, v in cfg.task.items()}))
+        finals[update] = linear.train(cfg, task, tmp_path)["metrics"]["worst_case"]
+        counts = torch.bincount(task.train.groups, minlength=4).double()
+        assert all(k["n_groups"] == 4 and k["update"] == update for k in seen[-3:])
+        torch.testing.assert_close(torch.as_tensor(seen[-1]["shares"]), counts)
+    assert finals["bench"] != finals["official"]

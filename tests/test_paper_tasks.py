@@ -1,6 +1,7 @@
 """The paper tasks' code paths end to end on tiny local stand-ins (no Hub): emotion, armorm, hh."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -71,10 +72,7 @@ def standins(tmp_path_factory):
     grades = dict.fromkeys(("helpfulness", "correctness", "coherence", "complexity", "verbosity"), 2)
     rows = [{"prompt": t, "response": f"ok {j}", **grades} for t in texts[:50] for j in (0, 1)]
     jsonl(root / "helpsteer" / "train.jsonl", rows)
-    jsonl(
-        root / "helpsteer" / "validation.jsonl",
-        [{"prompt": t, "response": "ok", **grades} for t in texts[50:]],
-    )
+    jsonl(root / "helpsteer" / "test.jsonl", [{"prompt": t, "response": "ok", **grades} for t in texts[50:]])
     return root
 
 
@@ -134,11 +132,26 @@ def test_armorm_native_scorer_on_raw_prompts_and_the_score_cache(standins, tmp_p
     import tasks
     from bench.loops.config import build_config
 
-    def built(size: str):
-        over = (*task, *TRAIN, f"task.size={standins / size}")
+    def built(size: str, *extra: str):
+        over = (*task, *TRAIN, f"task.size={standins / size}", *extra)
         return tasks.get("armorm").build(build_config("armorm", "rebel", over).task)
 
-    today, tomorrow = built("llama"), built("llama-next-day")
+    # The protocol's pools: distinct prompts in file order, shuffled by random.Random(1234) (test: 1235);
+    # training pool first, validation from the other end; the policy sees the raw text (no template).
+    plain = built("llama")
+    texts = sentences(90, seed=3)
+    train_order, test_order = list(texts[:50]), list(texts[50:])
+    random.Random(1234).shuffle(train_order)
+    random.Random(1235).shuffle(test_order)
+    assert [p.text for p in plain.prompts("train")] == train_order[:8]
+    assert [p.text for p in plain.prompts("val")] == train_order[-4:]
+    assert [p.text for p in plain.prompts("test")] == test_order[:6]
+    assert plain.sampling.top_k == 50 and plain.sampling.max_prompt_tokens == 1024 and not plain.standardize
+    today, tomorrow = (
+        built("llama", "task.chat_template=true"),
+        built("llama-next-day", "task.chat_template=true"),
+    )
+
     prompt, later = today.prompts("test")[0].text, tomorrow.prompts("test")[0].text
     assert "Today Date: 01 Dec 2026" in prompt and "Today Date: 02 Dec 2026" in later
     raw = today.panel.raw_prompt(prompt)

@@ -20,21 +20,23 @@ def test_static_memory_and_activations_by_hand():
     # policy 16 B/param (fp32 weights + grads + AdamW m, v), reference and classifier 2 B/param
     assert e.models == {"policy": GPT2_PARAMS, "reference": GPT2_PARAMS, "reward": GPT2_PARAMS}
     assert e.static_gb * GIB == pytest.approx(20 * GPT2_PARAMS)
-    # 64 pairs -> 128 rows of 128 assumed prompt + 32 new tokens; 34 h L + 12 V bytes per token,
-    # plus 2 B/param of autocast weight copies
+    # 128 pairs -> 256 rows of 128 tokens (the protocol's prompt + response budget); 34 h L + 12 V
+    # bytes per token, plus 2 B/param of autocast weight copies
     per_token = 34 * 768 * 12 + 12 * 50257
-    assert e.train_gb * GIB == pytest.approx(128 * 160 * per_token + 2 * GPT2_PARAMS)
-    # KV cache of 128 rows: 2 (k, v) x 12 layers x 768 x 2 bytes per token
-    kv = 128 * 160 * 12 * 2 * 768 * 2
+    assert e.train_gb * GIB == pytest.approx(256 * 128 * per_token + 2 * GPT2_PARAMS)
+    # KV cache of 128 generation rows (64 prompts a call): 2 (k, v) x 12 layers x 768 x 2 bytes per token
+    kv = 128 * 128 * 12 * 2 * 768 * 2
     assert e.generate_gb * GIB == pytest.approx(kv + 128 * 50257 * 4 * 3)
+    capped = estimate(Cell("emotion", "rebel", 0, ("task.max_total_tokens=0",)), GPUS["H100"])
+    assert capped.train_gb * GIB == pytest.approx(256 * (128 + 128) * per_token + 2 * GPT2_PARAMS)
     assert e.peak_gb * GIB == pytest.approx((e.static_gb + e.train_gb) * GIB * 1.1 + GIB)
 
     ckpt = estimate(Cell("emotion", "rebel", 0, ("train.grad_checkpointing=true",)), GPUS["H100"])
     per_token_ckpt = 2 * 768 * 12 + 34 * 768 + 12 * 50257
-    assert ckpt.train_gb * GIB == pytest.approx(128 * 160 * per_token_ckpt + 2 * GPT2_PARAMS)
+    assert ckpt.train_gb * GIB == pytest.approx(256 * 128 * per_token_ckpt + 2 * GPT2_PARAMS)
     wass = estimate(Cell("emotion", "w-rebel", 0), GPUS["H100"])
     assert wass.train_gb * GIB == pytest.approx(
-        2 * 128 * 160 * per_token + 2 * GPT2_PARAMS
+        2 * 256 * 128 * per_token + 2 * GPT2_PARAMS
     )  # double backward
     sgd = estimate(Cell("emotion", "rebel", 0, ("train.optimizer=sgd",)), GPUS["H100"])
     assert sgd.static_gb * GIB == pytest.approx(12 * GPT2_PARAMS)
@@ -49,7 +51,8 @@ def test_the_advice_makes_a_cell_that_does_not_fit_fit():
     assert advice.startswith("try train.grad_checkpointing=true")
     advised = advice.removeprefix("try ").split()
     assert estimate(Cell("emotion", "w-rebel", 0, (*GPT2_LARGE, *advised)), gpu).fits
-    assert estimate(cell, gpu_named("H200")).fits
+    half = Cell("emotion", "w-rebel", 0, (*GPT2_LARGE, "train.micro_batch=64"))
+    assert not estimate(half, gpu).fits and estimate(half, gpu_named("H200")).fits
 
 
 def test_a_model_too_large_for_the_gpu_says_so():

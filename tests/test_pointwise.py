@@ -329,3 +329,11 @@ def test_label_losses_need_pref_and_keep_the_policy_dtype():
     s.pref = s.pref.double()  # float64 labels do not promote float32 losses
     for out in (dpo_loss(s, 0.5), ipo_loss(s, 0.5), bt_loss(s)):
         assert out.dtype == torch.float32
+
+
+def test_only_the_rebel_family_takes_log_probs_at_the_sampling_temperature():
+    """The official conventions: REBEL divides logits by the sampling temperature, TRL's DPO, WDPO,
+    KLDPO, Dr. DPO, GR-DPO, IPO and reward models do not (methods.registry)."""
+    at_t = {name for name in methods.names() if methods.get(name).logps_at_sampling_temperature}
+    assert at_t == {name for name in methods.names() if methods.get(name).loss == "rebel"}
+    assert "w-rebel" in at_t and "dpo" not in at_t and "ipo" not in at_t and "bt" not in at_t

@@ -2,11 +2,15 @@
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from bench.cli import main
 from bench.harness.records import read_json
 from bench.harness.runner import Cell, record_path, run_cell
+from bench.loops.reward_model import encode_pairs
+from tasks.lexicon.presets import ensure_preset
 from tasks.prefs import PairSet, _unified_pairs
+from tasks.reward_model import encode
 
 pytestmark = pytest.mark.slow
 PREFS = (
@@ -21,19 +25,79 @@ PREFS = (
 )
 
 
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny lexicon preset's byte-level BPE (built offline; no special tokens of its own)."""
+    return AutoTokenizer.from_pretrained(ensure_preset("tiny", 60))
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+PROMPT = "When I think about the old lighthouse, I remember the long summer storm. " * 8
+
+
+def test_a_long_shared_prompt_loses_its_start_and_keeps_both_responses_whole(tok):
+    responses = [" We laughed with joy.", " We wept in grief."]
+    assert len(ids(tok, PROMPT)) > 32 > max(len(ids(tok, r)) for r in responses)
+    pairs = PairSet([PROMPT], responses[:1], responses[1:], torch.ones(1, dtype=torch.float64))
+    kept = encode_pairs(tok, pairs, 32, "test set")
+    for seq, response in zip((kept.first[0], kept.second[0]), responses, strict=True):
+        r = ids(tok, response)
+        assert seq == ids(tok, PROMPT)[-(32 - len(r)) :] + r  # the prompt's end, then the whole response
+    assert kept.first[0] != kept.second[0]
+
+
+def test_a_pair_that_differs_only_where_truncation_cuts_is_dropped(tok):
+    same_start = " the harbor at dawn was quiet and" * 10
+    pairs = PairSet(
+        ["A day:", "A day:"],
+        [same_start + " joyful.", " joy"],
+        [same_start + " grim.", " grief"],
+        torch.tensor([1.0, 0.0], dtype=torch.float64),
+    )
+    with pytest.warns(RuntimeWarning, match=r"val set ood:x: 1 of 2 pairs are identical within 24 tokens"):
+        kept = encode_pairs(tok, pairs, 24, "val set ood:x")
+    assert kept.first == [ids(tok, "A day:") + ids(tok, " joy")]
+    assert kept.second == [ids(tok, "A day:") + ids(tok, " grief")]
+    assert kept.label.tolist() == [0.0]
+
+
+def test_a_response_longer_than_the_budget_keeps_its_beginning(tok):
+    response = " the football final ended in a storm of joy and fear" * 4
+    assert encode(tok, ["A prompt that is cut away."], [response], 16) == [ids(tok, response)[:16]]
+
+
+def test_special_tokens_wrap_the_truncated_ids(tok):
+    from tokenizers import processors
+
+    bos = tok.convert_tokens_to_ids("<|endoftext|>")
+    wrapped = AutoTokenizer.from_pretrained(ensure_preset("tiny", 60))
+    wrapped.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    (seq,) = encode(wrapped, [PROMPT], [" joy"], 20)
+    assert seq == [bos, *ids(tok, PROMPT)[-(19 - len(ids(tok, " joy"))) :], *ids(tok, " joy")]
+
+
 def test_reward_model_accuracies_by_hand(tmp_path):
     from bench.loops.reward_model import accuracy
-    from tasks.lexicon.presets import ensure_preset
-    from tasks.reward_model import load_reward_model
+    from tasks.reward_model import load_reward_model, rm_scores
 
     model, tok = load_reward_model(str(ensure_preset("tiny", 60)))
     model.eval()
-    pairs = PairSet(
-        ["a happy day", "sad rain", "joy"],
-        ["sad rain", "a happy day", "grief"],
-        torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64),
+    pairs = encode_pairs(
+        tok,
+        PairSet(
+            ["", "", "The day:"],
+            ["a happy day", "sad rain", " joy"],
+            ["sad rain", "a happy day", " grief"],
+            torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64),
+        ),
+        256,
+        "test set",
     )
-    from tasks.reward_model import rm_scores
 
     with torch.no_grad():
         a = rm_scores(model, tok, pairs.first)[0]
@@ -127,7 +191,7 @@ def test_unified_feedback_pairs_and_offline_failure(monkeypatch):
     ]
     pairs = _unified_pairs(rows)
     assert len(pairs.first) == 1 and pairs.label.tolist() == [1.0]  # ties dropped
-    assert pairs.first[0] == "\n\nUser: hi\n\nAssistant: hello"
+    assert (pairs.prompt[0], pairs.first[0]) == ("\n\nUser: hi", "\n\nAssistant: hello")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert (
         main(

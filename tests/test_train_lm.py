@@ -153,3 +153,25 @@ def test_prev_iterate_anchor_equals_an_explicit_forward_of_the_sampling_policy()
     b, _ = explicit.losses(policy, method, {"eta": 0.5}, 1.0, torch.arange(2))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(a, (rewards[:, 0] - rewards[:, 1]) ** 2, rtol=0, atol=1e-6)  # h = 0 at theta_t
+
+
+def test_group_options_count_the_tasks_groups_not_a_batchs():
+    """GR-DPO on an LM task weighs the ordered objective pairs of a random-pairs protocol (ArmoRM:
+    drawn uniformly, equal shares) or the training prompts' groups with their counts."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from bench.loops.train import group_options
+    from tasks.lexicon.prompts import Prompt
+    from tasks.mixtures import pair_protocol
+
+    cfg = OmegaConf.create({"method": {"group_update": "official"}})
+    names = ["a", "b", "c", "d"]
+    pairs = SimpleNamespace(protocol=pair_protocol(names, (0, 1, 2), 0.5, random_pairs=True))
+    opts = group_options(pairs, cfg)
+    assert (opts.n_groups, opts.update) == (6, "official") and opts.shares.tolist() == [1.0] * 6
+    prompts = [Prompt("x", g, i) for i, g in enumerate([0, 2, 2, 0, 2])]  # group 1 has no prompt
+    grouped = SimpleNamespace(protocol=pair_protocol(names, (0, 1), 0.5), prompts=lambda split: prompts)
+    opts = group_options(grouped, cfg)
+    assert opts.n_groups == 3 and opts.shares.tolist() == [2.0, 0.0, 3.0]

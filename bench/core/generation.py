@@ -102,12 +102,14 @@ class HFGenerator:
 # vLLM: the pure parts (sampling parameters, seeds, weight names and dtypes), testable without it
 
 
-def vllm_sampling_kwargs(sampling: Sampling, k: int, seed: int, eos_token_id: int | None = None) -> dict:
+def vllm_sampling_kwargs(
+    sampling: Sampling, k: int, seed: int, eos_token_id: int | None = None, prompt_len: int = 0
+) -> dict:
     """The ``vllm.SamplingParams`` keyword arguments of one prompt, mapped from bench's ``Sampling``
-    so that vLLM samples from the same distribution as ``lm.sample``: temperature and nucleus
-    ``top_p`` as given, top-k disabled (``0``, as the hf path's ``top_k=0``), no min-p or penalties,
-    at most ``max_new_tokens`` new tokens, ``n=k`` samples, stopping at the tokenizer's EOS (kept in
-    the output, as ``lm.sample`` keeps it). Token ids only: no detokenization, no log-probs."""
+    so that vLLM samples from the same distribution as ``lm.sample``: temperature, nucleus ``top_p``
+    and ``top_k`` as given (0 is "off" in both), no min-p or penalties, at most
+    ``sampling.budget(prompt_len)`` new tokens, ``n=k`` samples, stopping at the tokenizer's EOS (kept
+    in the output, as ``lm.sample`` keeps it). Token ids only: no detokenization, no log-probs."""
     if k < 1:
         raise ValueError(f"k={k}: at least one sample per prompt")
     if sampling.temperature <= 0:
@@ -116,12 +118,12 @@ def vllm_sampling_kwargs(sampling: Sampling, k: int, seed: int, eos_token_id: in
         "n": k,
         "temperature": float(sampling.temperature),
         "top_p": float(sampling.top_p),
-        "top_k": 0,
+        "top_k": int(sampling.top_k),
         "min_p": 0.0,
         "repetition_penalty": 1.0,
         "presence_penalty": 0.0,
         "frequency_penalty": 0.0,
-        "max_tokens": int(sampling.max_new_tokens),
+        "max_tokens": max(1, sampling.budget(prompt_len)),
         "min_tokens": 0,
         "seed": int(seed),
         "stop_token_ids": [] if eos_token_id is None else [int(eos_token_id)],
@@ -358,12 +360,12 @@ class VLLMGenerator:
     def sample(self, prompts: list[str], k: int, sampling: Sampling) -> Samples:
         start = time.perf_counter()
         tok = self.tok
-        prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+        prompt_ids = [sampling.prompt(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
         eos = tok.eos_token_id
         base = draw_seed()
         params = [
-            self.sampling_params(**vllm_sampling_kwargs(sampling, k, seed, eos))
-            for seed in request_seeds(base, len(prompts), k)
+            self.sampling_params(**vllm_sampling_kwargs(sampling, k, seed, eos, len(ids)))
+            for seed, ids in zip(request_seeds(base, len(prompts), k), prompt_ids, strict=True)
         ]
         if self._stale:  # level-2 sleep dropped the weights and no sync came since: push them again
             self.sync(self.policy)

@@ -30,17 +30,38 @@ class Samples:
 
 @dataclass(frozen=True)
 class Sampling:
+    """How responses are sampled: temperature, nucleus ``top_p``, ``top_k`` (0: off) and length.
+
+    A response has at most ``max_new_tokens`` tokens and, when ``max_total_tokens`` is set, at most
+    ``max_total_tokens - len(prompt)`` (``generate(max_length=...)`` of one unpadded prompt, as the
+    DRO-REBEL Emotion code samples). ``max_prompt_tokens`` (0: off) keeps a prompt's first tokens
+    (a tokenizer's default right truncation).
+    """
+
     max_new_tokens: int = 24
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 64  # prompts per generate() call
+    top_k: int = 0
+    max_total_tokens: int = 0
+    max_prompt_tokens: int = 0
+
+    def prompt(self, ids: list[int]) -> list[int]:
+        """The prompt ids the policy sees: the first ``max_prompt_tokens`` when that is set."""
+        return ids[: self.max_prompt_tokens] if self.max_prompt_tokens else ids
+
+    def budget(self, prompt_len: int) -> int:
+        """The most new tokens of a response to a prompt of ``prompt_len`` tokens."""
+        if not self.max_total_tokens:
+            return self.max_new_tokens
+        return max(0, min(self.max_new_tokens, self.max_total_tokens - prompt_len))
 
 
 @torch.no_grad()
 def sample(model, tok, prompts: list[str], k: int, cfg: Sampling) -> Samples:
     """``k`` sampled continuations per prompt (batched, left-padded, KV cache; global torch RNG)."""
     start = time.perf_counter()
-    prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    prompt_ids = [cfg.prompt(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
     eos = tok.eos_token_id
     device = next(model.parameters()).device
     responses: list[list[int]] = []
@@ -48,19 +69,21 @@ def sample(model, tok, prompts: list[str], k: int, cfg: Sampling) -> Samples:
     model.eval()
     for lo in range(0, len(prompts), cfg.batch_size):
         chunk = prompt_ids[lo : lo + cfg.batch_size]
+        budgets = [cfg.budget(len(ids)) for ids in chunk]
         enc = tok.pad({"input_ids": chunk}, padding_side="left", return_tensors="pt").to(device)
         out = model.generate(
             **enc,
             do_sample=True,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
-            top_k=0,
-            max_new_tokens=cfg.max_new_tokens,
+            top_k=cfg.top_k,
+            max_new_tokens=max(1, *budgets),
             num_return_sequences=k,
             pad_token_id=tok.pad_token_id,
             eos_token_id=eos,
         )
-        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+        for i, row in enumerate(out[:, enc["input_ids"].shape[1] :].tolist()):
+            row = row[: budgets[i // k]]  # a shorter prompt's budget ends before the batch's
             responses.append(row[: row.index(eos) + 1] if eos in row else row)
     model.train(was_training)
     texts = tok.batch_decode(responses, skip_special_tokens=True)

@@ -63,7 +63,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         }
         metrics = rec.get("metrics") or {}
         row.update({k: metrics.get(k) for k in METRICS})
-        row.update({f"cap:{k}": v for k, v in (rec.get("capabilities") or {}).items()})
+        caps = (rec.get("capabilities") or {}).items()  # flags (how a task was scored) are not scores
+        row.update({f"cap:{k}": v for k, v in caps if not isinstance(v, bool)})
         rows.append(row)
     columns = [
         "task",

@@ -195,6 +195,8 @@ def estimate(cell: Cell, gpu: GPU | None) -> Estimate:
     prompt = int(task_cfg.get("max_prompt_tokens", 0) or ASSUMED_PROMPT_TOKENS)
     new = int(task_cfg.get("max_new_tokens", 32))
     seq = prompt + new
+    if task_cfg.get("max_total_tokens", 0):  # prompt and response share one budget (Emotion)
+        seq = min(seq, int(task_cfg.max_total_tokens))
     pairs = tc.micro_batch or tc.batch_size
     rows = 2 * pairs
     per_token = (
@@ -205,7 +207,7 @@ def estimate(cell: Cell, gpu: GPU | None) -> Estimate:
     per_token += 12 * policy.vocab
     double = methods.get(cell.method).aggregator.kind == "wasserstein"
     train_act = rows * seq * per_token * (2 if double else 1) + 2 * policy.params
-    gen_rows = 2 * min(64, tc.batch_size)
+    gen_rows = 2 * min(int(task_cfg.get("generate_batch", 64)), tc.batch_size)  # lm.Sampling.batch_size
     kv = gen_rows * seq * policy.layers * 2 * policy.kv_dim * 2
     gen = kv + gen_rows * policy.vocab * 4 * 3
     peak = (static + max(train_act, gen)) * SLACK + CONTEXT_BYTES

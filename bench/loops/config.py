@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 import methods
 import tasks
 from bench.core.generation import GENERATORS
+from methods.robust import GROUP_UPDATES
 
 
 class Anchor(str, Enum):
@@ -75,6 +76,10 @@ class MethodConfig:
     beta_prime: float | None = None  # Dr. DPO temperature
     eta_alpha: float | None = None  # group-robust step size
     group_update: str = "bench"  # GR-DPO/GR-IPO: bench | official (methods.robust.group_step)
+    # Logits are divided by this before the log-probs of a pair (policy and anchor). None: the loss
+    # family's official convention, recorded as its value: the task's sampling temperature for REBEL,
+    # 1 for the DPO family (methods.registry.SAMPLING_TEMPERATURE_LOSSES).
+    logp_temperature: float | None = None
 
 
 @dataclass
@@ -132,7 +137,9 @@ def build_config(
         raise ConfigError(f"overrides must look like key=value, got {bad}")
     try:
         cfg = OmegaConf.merge(
-            base, OmegaConf.from_dotlist(list(spec.defaults)), OmegaConf.from_dotlist(list(overrides))
+            base,
+            OmegaConf.from_dotlist(spec.defaults_for(method, m.aggregator.name)),
+            OmegaConf.from_dotlist(list(overrides)),
         )
     except OmegaConfBaseException as err:
         raise ConfigError(str(err).splitlines()[0] + f" (in overrides {list(overrides)})") from None
@@ -141,6 +148,11 @@ def build_config(
     knob = methods.get(method).knob
     if knob is not None:  # record the effective radius: "default" and its value hash alike
         cfg.method[knob.name] = method_radius(cfg)
+    cfg.method.logp_temperature = logp_temperature(cfg, m)
+    if cfg.method.group_update not in GROUP_UPDATES:
+        raise ConfigError(
+            f"method.group_update={cfg.method.group_update!r}; known: {', '.join(GROUP_UPDATES)}"
+        )
     for key in ("iterations", "batch_size", "eval_every", "nproc"):
         if cfg.train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive, got {cfg.train[key]}")
@@ -157,6 +169,18 @@ def build_config(
         raise ConfigError(f"train.nproc > 1 runs the language-model loop only; task {task} has none")
     spec.validate(cfg.task)
     return cfg
+
+
+def logp_temperature(cfg: DictConfig, method: methods.Method) -> float:
+    """``method.logp_temperature``, or the family's convention when None: the task's sampling
+    temperature (``task.temperature``, 1 where a task samples nothing) for REBEL, else 1."""
+    value = cfg.method.logp_temperature
+    if value is None:
+        sampling = float(cfg.task.get("temperature", 1.0))
+        return sampling if method.logps_at_sampling_temperature else 1.0
+    if not value > 0:
+        raise ConfigError(f"method.logp_temperature={value}: must be > 0 (or unset for the family's)")
+    return float(value)
 
 
 def method_radius(cfg: DictConfig) -> float:

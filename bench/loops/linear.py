@@ -23,7 +23,7 @@ from bench.core.resources import loop_timings
 from bench.loops.callbacks import OnEval
 from bench.loops.config import loss_kwargs, method_radius
 from bench.loops.evaluate import mixture_scores
-from methods import Method, PairScores
+from methods import GroupOptions, Method, PairScores
 from methods.pointwise import preference_labels
 from tasks.linear import LinearTask
 
@@ -104,6 +104,8 @@ def train(cfg: DictConfig, task: LinearTask, run_dir: Path, on_eval: OnEval | No
     target = target_parameter(cfg, task)
     mix = task.train_weights()
     phi_all, groups_all = task.train.phi, task.train.groups
+    shares = torch.bincount(groups_all, minlength=cfg.task.groups).double()  # the training set's counts
+    group_opts = GroupOptions(cfg.task.groups, cfg.method.group_update, shares)
     reference = evaluate(task, theta, target, cfg.seed)
     curves = [{"iteration": 0, **_curve_row(reference)}]
     state: dict = {}
@@ -121,6 +123,7 @@ def train(cfg: DictConfig, task: LinearTask, run_dir: Path, on_eval: OnEval | No
             groups=groups_all[idx],
             state=state,
             w_form=cfg.method.w_form.value,
+            group_options=group_opts,
         )
         state = stats.state or state
         if cfg.train.grad_clip > 0:

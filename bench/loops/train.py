@@ -39,10 +39,11 @@ from bench.core.lm import SequenceBatch, chunked_logps, sample, sequence_batch, 
 from bench.core.refcache import cached, model_fingerprint
 from bench.core.resources import peak_memory_mb, utilisation
 from bench.loops.callbacks import OnEval
+from bench.loops.capability import require_task_modules
 from bench.loops.config import loss_kwargs, method_radius, to_dict
 from bench.loops.distributed import broadcast_parameters, gather_rows, init_from_env, shard, sum_gradients
 from bench.loops.evaluate import HeadScaler, evaluate_lm, seeded_rng
-from methods import Method, PairScores
+from methods import GroupOptions, Method, PairScores
 from methods.pointwise import preference_labels
 from methods.wasserstein import double_backprop_attention
 from tasks.mixtures import mix_rewards
@@ -145,6 +146,16 @@ def sample_pairs(
     return PairBatch(seqs, rewards.float(), pref.float(), groups), samples
 
 
+def group_options(task, cfg: DictConfig) -> GroupOptions:
+    """The groups GR-DPO / GR-IPO weigh: the ordered objective pairs of a random-pairs protocol
+    (ArmoRM; drawn uniformly, so equal shares) or the training prompts' groups with their counts."""
+    if task.protocol.random_pairs:
+        shares = torch.ones(len(task.protocol.pairs()), dtype=torch.float64)
+    else:
+        shares = torch.bincount(torch.tensor([p.group for p in task.prompts("train")])).double()
+    return GroupOptions(shares.numel(), cfg.method.group_update, shares)
+
+
 def offline_pairs(reference, tok, task, prompts: list, scaler, cfg: DictConfig, chunk: int) -> PairBatch:
     """The offline pair set with its reference log-probs, shared through the reference cache by
     every method and radius that trains on the same data (same task config, seed and labels).
@@ -154,6 +165,7 @@ def offline_pairs(reference, tok, task, prompts: list, scaler, cfg: DictConfig, 
         "seed": cfg.seed,
         "labels": cfg.method.labels.value,
         "scaler": scaler.state(),
+        "logp_temperature": cfg.method.logp_temperature,
         "kind": "offline-pairs",
     }
 
@@ -162,7 +174,7 @@ def offline_pairs(reference, tok, task, prompts: list, scaler, cfg: DictConfig, 
             batch, _ = sample_pairs(
                 reference, tok, task, prompts, scaler, torch.Generator().manual_seed(cfg.seed + 1), cfg
             )
-        batch.anchor = chunked_logps(reference, batch.seqs, task.sampling.temperature, chunk).view(2, -1).T
+        batch.anchor = chunked_logps(reference, batch.seqs, cfg.method.logp_temperature, chunk).view(2, -1).T
         return batch
 
     return cached(spec, model_fingerprint(reference), build)
@@ -249,9 +261,11 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
     radius, hparams = method_radius(cfg), loss_kwargs(cfg)
     tc = cfg.train
     check_generator(tc.generator)  # an unknown backend or an absent vLLM: one line, before anything loads
+    require_task_modules(list(tc.lmeval_tasks))  # lm-eval tasks' packages, before training, not after
     device = resolve_device(tc.device)
     ctx = partial(precision, device, tc.precision)  # generation, scoring and training alike
-    temperature = task.sampling.temperature
+    temperature = cfg.method.logp_temperature  # the loss family's convention (build_config)
+    groups = group_options(task, cfg)
     chunk = tc.micro_batch or 2 * tc.batch_size
     # The policy (and any preset it needs built) before the process group: transformers saves a
     # model only on rank 0 once torch.distributed is initialized.
@@ -360,6 +374,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
                 groups=batch.groups,
                 state=agg_state,
                 w_form=cfg.method.w_form.value,
+                group_options=groups,
             )
         agg_state = stats.state or agg_state
         sum_gradients(policy)  # every rank now holds the global batch's gradient

@@ -86,9 +86,7 @@ class LexiconTask:
         heads = rewards.score(responses)
         if self.learned is None:
             return heads
-        return torch.cat(
-            [heads, self.learned.score([p + r for p, r in zip(prompts, responses, strict=True)])], 1
-        )
+        return torch.cat([heads, self.learned.score(prompts, responses)], 1)
 
 
 def with_learned_head(protocol: Protocol) -> Protocol:
