@@ -28,6 +28,7 @@ from bench.core.lm import Sampling
 from tasks.armorm_model import GATING_TEXT, HEAD_DEFAULTS, PUBLISHED_GATING_IDS, load_armorm
 from tasks.hub import (
     DRO_REBEL_DEFAULTS,
+    DRO_REBEL_SETTINGS,
     PromptTask,
     ScoreCache,
     from_pretrained,
@@ -393,18 +394,7 @@ PROTOCOL = PaperProtocol(
         Setting("iterations", "200", f"{RUNNER}:322", "train.iterations"),
         Setting("prompts per iteration", "32", f"{RUNNER}:323", "train.batch_size"),
         Setting("learning rate", "1e-05", f"{RUNNER}:150", "train.lr"),
-        Setting(
-            "weight decay",
-            "0.01 (torch's AdamW default)",
-            "src/models/rebel_optimizers.py:144",
-            "train.weight_decay",
-            value="0.01",
-        ),
-        Setting("warm-up steps", "0", "src/models/rebel_optimizers.py:126-128", "train.warmup"),
-        Setting(
-            "gradient clipping (0: none)", "0", "src/models/rebel_optimizers.py:126-128", "train.grad_clip"
-        ),
-        Setting("log-prob temperature", "1", "src/utils.py:44-50", "method.logp_temperature", "rebel"),
+        *DRO_REBEL_SETTINGS,
         Setting("REBEL eta", "0.01", f"{RUNNER}:326", "method.eta"),
         Setting("DPO beta", "1", f"{RUNNER}:151-153", "method.beta", "dpo"),
         Setting("W radius rho0 (W-REBEL, WDPO)", "0.5", f"{RUNNER}:327", "method.rho0", "w-rebel"),

@@ -16,7 +16,14 @@ from dataclasses import asdict, dataclass, field
 from bench.core.artifacts import artifact_dir, build_once, require
 from bench.core.lm import Sampling
 from tasks.finetune import finetune_lm, train_classifier
-from tasks.hub import DRO_REBEL_DEFAULTS, PromptTask, SequenceClassifierPanel, load_splits, take
+from tasks.hub import (
+    DRO_REBEL_DEFAULTS,
+    DRO_REBEL_SETTINGS,
+    PromptTask,
+    SequenceClassifierPanel,
+    load_splits,
+    take,
+)
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import pair_protocol
 from tasks.registry import ModelSpec, PaperProtocol, Setting, TaskSpec, register_task
@@ -170,18 +177,7 @@ PROTOCOL = PaperProtocol(
         Setting("training prompt pool", "16000 (the train split)", f"{DATA}:130", "task.n", value="16000"),
         Setting("optimizer", "adamw", "src/models/rebel_optimizers.py:144", "train.optimizer"),
         Setting("learning rate", "1e-05", "config.py:24", "train.lr"),
-        Setting(
-            "weight decay",
-            "0.01 (torch's AdamW default)",
-            "src/models/rebel_optimizers.py:144",
-            "train.weight_decay",
-            value="0.01",
-        ),
-        Setting("warm-up steps", "0", "src/models/rebel_optimizers.py:126-128", "train.warmup"),
-        Setting(
-            "gradient clipping (0: none)", "0", "src/models/rebel_optimizers.py:126-128", "train.grad_clip"
-        ),
-        Setting("log-prob temperature", "1", "src/utils.py:44-50", "method.logp_temperature", "rebel"),
+        *DRO_REBEL_SETTINGS,
         Setting("REBEL eta", "0.01", f"{RUNNER}:266", "method.eta"),
         Setting("DPO beta", "0.1", "config.py:36", "method.beta", "dpo"),
         Setting("W radius rho0", "0.01", f"{RUNNER}:133", "method.rho0", "w-rebel"),

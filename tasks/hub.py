@@ -28,6 +28,7 @@ from torch import Tensor
 from bench.core.lm import Sampling
 from tasks.lexicon.prompts import Prompt
 from tasks.mixtures import Protocol
+from tasks.registry import Setting
 
 
 class HubUnavailable(RuntimeError):
@@ -363,6 +364,20 @@ DRO_REBEL_DEFAULTS = (
     "train.eval_every=50",
     "train.checkpoint_every=10",
     "method.logp_temperature=1.0",
+)
+
+# Those settings in the protocol tables (bench protocols), with their place in the DRO-REBEL code.
+DRO_REBEL_SETTINGS = (
+    Setting(
+        "weight decay",
+        "0.01 (torch's AdamW default)",
+        "src/models/rebel_optimizers.py:144",
+        "train.weight_decay",
+        value="0.01",
+    ),
+    Setting("warm-up steps", "0", "src/models/rebel_optimizers.py:126-128", "train.warmup"),
+    Setting("gradient clipping (0: none)", "0", "src/models/rebel_optimizers.py:126-128", "train.grad_clip"),
+    Setting("log-prob temperature", "1", "src/utils.py:44-50", "method.logp_temperature", "rebel"),
 )
 
 # The training defaults of the task with no published protocol (hh).

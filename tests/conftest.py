@@ -20,6 +20,7 @@ LEXICON_FAST = (
     "train.iterations=4",
     "train.batch_size=6",
     "train.eval_every=2",
+    "eval.samples=1",
 )
 
 

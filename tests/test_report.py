@@ -42,7 +42,12 @@ def record(root: Path, method: str, seed: int, worst: float, *, radius=None, sta
             },
         }
         rec["curves"] = (
-            [{"iteration": i, "worst_case": worst * (2 - i / 10)} for i in (0, 10)] if curve else []
+            [
+                {"iteration": i, "worst_case": worst * (2 - i / 10), "kl_ref": -worst / 100 * i}
+                for i in (0, 10)
+            ]
+            if curve
+            else []
         )
     else:
         rec["error"] = {"type": "ValueError", "message": "losses contain NaN", "traceback": ""}
@@ -63,18 +68,32 @@ def results(tmp_path):
 def test_golden_leaderboard_numbers(results):
     (report,) = write_reports(results, results / "out", figures=False)
     # rebel: mean -0.31, sd 0.01, t(2, .975) = 4.302653 -> CI ± 0.024841
-    # chi2-rebel: mean -0.205, sd 0.005 -> ± 0.012421; paired diffs vs rebel 0.10, 0.11, 0.105:
-    #   mean +0.105, t = 0.105 / (0.005 / sqrt 3) = 36.4 on 2 df -> p = 0.00075 -> **
+    # chi2-rebel: mean -0.205, sd 0.005 -> ± 0.012421; paired diffs vs rebel 0.10, 0.11, 0.105 (records
+    #   without per-prompt scores: one value per seed): mean +0.105, se 0.005 / sqrt 3 = 0.0028868,
+    #   CI ± 4.302653 * se = ± 0.012421 -> [+0.0926, +0.1174]; t = 36.4 on 2 df -> p = 0.000755 (one
+    #   comparison: Holm changes nothing) -> ▲
     # kldpo: one seed -> no CI, and no DPO record to pair with -> "-"
+    # worst @ common KL: budget B = the smallest final KL, chi2-rebel's mean 0.0205; a curve runs
+    #   linearly from (KL 0, 2w) to (KL k = -w/10, w), so at B <= k it reads 2w + 10 B = 2w + 0.205:
+    #   rebel 2·(-0.31) + 0.205 = -0.415; chi2-rebel: seed 0 ends at k = 0.020 < B (its end, -0.20),
+    #   the others -0.215 and -0.205 -> mean -0.2067; kldpo 2·(-0.5) + 0.205 = -0.795
+    # stability: both halves of the seeds rank chi2-rebel first (tau 1); delta / sd = 21, so 2 seeds
     expected = "\n".join(
         [
             "| rank | method | radius | size | scale | seeds | worst-case | ± 95% CI | mean test | train mix "
-            "| KL(ref) | Δ worst vs base |",
-            "|---:|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|:---|",
+            "| KL(ref) | worst @ common KL | Δ vs base [95% CI] | p (Holm) |",
+            "|:---|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|:---|",
             "| 1 | chi2-rebel | rho=0.1 | 8 | 512 | 3 | **-0.2050** | ± 0.0124 | **-0.1050** | **-0.0050** | "
-            "**0.0205** | +0.1050** |",
-            "| 2 | rebel | - | 8 | 512 | 3 | -0.3100 | ± 0.0248 | -0.2100 | -0.1100 | 0.0310 | - |",
-            "| 3 | kldpo | tau=0.1 | 8 | 512 | 1 | -0.5000 |  | -0.4000 | -0.3000 | 0.0500 | - |",
+            "**0.0205** | **-0.2067** | +0.1050 [+0.0926, +0.1174] ▲ | 0.000755 |",
+            "| 2 | rebel | - | 8 | 512 | 3 | -0.3100 | ± 0.0248 | -0.2100 | -0.1100 | 0.0310 | -0.4150 "
+            "| - |  |",
+            "| 3 | kldpo | tau=0.1 | 8 | 512 | 1 | -0.5000 |  | -0.4000 | -0.3000 | 0.0500 | -0.7950 "
+            "| - |  |",
+            "",
+            "worst @ common KL: each config's worst case at KL(ref) = 0.0205 (the smallest final KL of "
+            "any config), interpolated between its evaluations; split-half rank agreement (Kendall's "
+            "tau over halves of the seeds): 1.00; seeds to separate "
+            "chi2-rebel from rebel at 80% power: 2.",
         ]
     )
     assert report.markdown == expected
@@ -83,7 +102,7 @@ def test_golden_leaderboard_numbers(results):
     assert all(
         s in tex for s in (r"\toprule", r"\midrule", r"\bottomrule", r"\textbf{-0.2050}", r"$\pm$ 0.0124")
     )
-    assert r"+0.1050**" in tex and "kldpo" in tex
+    assert r"+0.1050 [+0.0926, +0.1174] ▲" in tex and "kldpo" in tex
     assert "<b>-0.2050</b>" in (folder / "leaderboard.html").read_text()
     csv = (folder / "leaderboard.csv").read_text().splitlines()
     assert csv[0].startswith("rank,method,radius") and csv[1].split(",")[1] == "chi2-rebel"
@@ -94,7 +113,7 @@ def test_golden_leaderboard_numbers(results):
 def test_figures_are_written(results):
     (report,) = write_reports(results, results / "out")
     names = {p.name for p in report.files}
-    assert {"preference_shift.png", "preference_shift.pdf", "learning_curves.png"} <= names
+    assert {"preference_shift.png", "preference_shift.pdf", "learning_curves.png", "kl_frontier.png"} <= names
     for path in report.files:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

@@ -87,7 +87,7 @@ def test_cli_run_prints_a_leaderboard_and_errors_are_clear(tmp_path, capsys):
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "4 cells run" in out and "kl-rebel" in out and "worst-case" in out
+    assert "4 cells run" in out and "kl-rebel" in out and "worst case, val-selected" in out
     assert main(args) == 0 and "0 cells run, 4 skipped" in capsys.readouterr().out
     assert main(["run", "--methods", "chi3-rebel", "--results", str(tmp_path)]) == 2
     assert "Did you mean chi2-rebel" in capsys.readouterr().err

@@ -175,3 +175,44 @@ def test_group_options_count_the_tasks_groups_not_a_batchs():
     grouped = SimpleNamespace(protocol=pair_protocol(names, (0, 1), 0.5), prompts=lambda split: prompts)
     opts = group_options(grouped, cfg)
     assert opts.n_groups == 3 and opts.shares.tolist() == [2.0, 0.0, 3.0]
+
+
+def test_methods_of_a_seed_are_evaluated_with_common_random_numbers(tmp_path):
+    """Every method of a seed is scored on the same prompts with the same sampling streams: the
+    reference (iteration 0) scores equal per prompt across methods whose training differs, and
+    evaluate_lm gives the same responses whatever the caller's RNG state; other seeds differ. The
+    record holds the per-prompt heads of every test and validation prompt, averaged over
+    eval.samples responses."""
+    over = (*LEXICON_FAST, "eval.samples=2")
+    cells = [Cell("lexicon", m, s, over) for m, s in (("dpo", 0), ("chi2-rebel", 0), ("dpo", 1))]
+    recs = []
+    for cell in cells:
+        assert run_cell(cell, tmp_path) == "completed", record(cell, tmp_path).get("error")
+        recs.append(record(cell, tmp_path))
+    dpo0, rebel0, dpo1 = recs
+    assert dpo0["reference"]["per_prompt"] == rebel0["reference"]["per_prompt"]
+    assert dpo0["reference"]["per_prompt"] != dpo1["reference"]["per_prompt"]
+    assert dpo0["metrics"]["per_prompt"] != rebel0["metrics"]["per_prompt"]  # trained apart
+    heads = dpo0["metrics"]["per_prompt"]
+    assert len(heads["test"]) == 12 and len(heads["val"]) == 8
+    assert len({len(row) for row in heads["test"]}) == 1 and dpo0["metrics"]["eval_samples"] == 2
+    assert dpo0["curves"][-1]["worst_case"] == dpo0["metrics"]["worst_case"]
+    sel = dpo0["metrics"]["worst_case_selected"]
+    rewards = [m["reward"] for m in dpo0["metrics"]["mixtures"].values()]
+    assert dpo0["metrics"]["worst_case"] <= sel <= max(rewards)
+
+    import tasks
+    from bench.loops.config import build_config
+    from bench.loops.evaluate import HeadScaler, evaluate_lm
+
+    cfg = build_config("lexicon", "dpo", list(LEXICON_FAST))
+    task = tasks.get("lexicon").build(cfg.task)
+    policy, tok = task.load_policy()
+
+    def scored(seed: int, noise: int) -> dict:
+        torch.manual_seed(noise)  # a training run's RNG, wherever it happens to be
+        torch.rand(noise + 1)
+        kw = {"task": task, "tok": tok, "reference": policy, "scaler": HeadScaler(), "iteration": 4}
+        return evaluate_lm(policy, seed=seed, samples=2, **kw)[0]["per_prompt"]
+
+    assert scored(0, 1) == scored(0, 2) != scored(1, 1)

@@ -5,6 +5,7 @@
 * ``worst_vs_<axis>``: worst-case reward against the radius, the model size or the data scale,
   for whichever axes the records span, one line per method (and per context when several);
 * ``learning_curves``: worst-case test reward against the iteration;
+* ``kl_frontier``: worst case against KL to the reference at every evaluation (equal regularization);
 * ``radius_coverage``: the coverage study's mean parameter error against n, log-log, with the
   fitted slopes in the legend.
 """
@@ -142,13 +143,32 @@ def learning_curves(records: list[dict], frame: pd.DataFrame, folder: Path) -> l
     return _save(fig, folder, "learning_curves")
 
 
+def frontier(frame: pd.DataFrame, folder: Path) -> list[Path]:
+    """Worst case against KL to the reference, one point per evaluation of every record, one line
+    per method (through its radii and evaluations): robustness at equal regularization."""
+    labels = _labels(frame)
+    rows = [
+        {"config": labels[i], "method": row.method, "kl_ref": kl, "worst_case": worst}
+        for i, row in frame.iterrows()
+        for kl, worst in row.frontier
+    ]
+    if not rows:
+        return []
+    data = pd.DataFrame(rows)
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    sns.scatterplot(data=data, x="kl_ref", y="worst_case", hue="method", style="method", s=18, ax=ax)
+    ax.set(xlabel="KL(policy || reference) per token", ylabel="worst-case test reward", title="KL frontier")
+    _legend_outside(ax)
+    return _save(fig, folder, "kl_frontier")
+
+
 def task_figures(records: list[dict], frame: pd.DataFrame, folder: Path) -> list[Path]:
     done = [r for r in records if r.get("status") == "completed"]
     frame = frame[frame.status == "completed"]
     paths = preference_shift(done, frame, folder)
     for axis in ("radius_value", "size", "scale"):
         paths += versus(frame, folder, axis)
-    return paths + learning_curves(done, frame, folder)
+    return paths + learning_curves(done, frame, folder) + frontier(frame, folder)
 
 
 def coverage_figure(root: Path, out: Path) -> list[Path]:

@@ -3,6 +3,15 @@
 Records are grouped by (task, method, config hash): seeds of one config are aggregated (mean,
 sample std, count, 95% t-interval), different configs of a method stay separate rows. Failed and
 incomplete cells are listed apart and never ranked.
+
+The ranking metric is the worst case selected on validation prompts and scored on test prompts
+(``worst_case_selected``): the plain minimum over noisy test means is biased low and its argmin
+jumps between mixtures (the winner's curse), so it is shown beside it but does not rank. Methods of
+a seed are scored on the same prompts with the same sampling streams, so rows are compared prompt by
+prompt (``bench.harness.stats``): the rank column is a bootstrap interval over seeds and prompts,
+and each robust method's difference from its base has a cluster-robust 95% interval and a
+Holm-corrected p-value. Records from before per-prompt scores rank by the minimum, compared on
+their per-seed values.
 """
 
 from __future__ import annotations
@@ -12,13 +21,19 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
-from scipy import stats
+import torch
+from scipy import stats as scipy_stats
 
+import methods
 import tasks
+from bench.harness import stats
 from bench.harness.records import iter_records, read_json
+from tasks.mixtures import mix_rewards
 
-METRICS = ("worst_case", "mean_over_test", "train_reward", "val_worst_case", "kl_ref")
+METRICS = ("worst_case", "worst_case_selected", "mean_over_test", "train_reward", "val_worst_case", "kl_ref")
+ALPHA = 0.05
 
 
 def load_records(root: Path, task: str | None = None, sweep: str | None = None) -> list[dict]:
@@ -63,6 +78,8 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         }
         metrics = rec.get("metrics") or {}
         row.update({k: metrics.get(k) for k in METRICS})
+        row["prompt_values"] = selected_prompt_values(metrics)
+        row["frontier"] = frontier_points(rec)
         caps = (rec.get("capabilities") or {}).items()  # flags (how a task was scored) are not scores
         row.update({f"cap:{k}": v for k, v in caps if not isinstance(v, bool)})
         rows.append(row)
@@ -79,11 +96,61 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         "size",
         "scale",
         *METRICS,
+        "prompt_values",
+        "frontier",
         "error",
         "path",
     ]
     frame = pd.DataFrame(rows)
     return frame.reindex(columns=[*columns, *sorted(c for c in frame.columns if c.startswith("cap:"))])
+
+
+def selected_prompt_values(metrics: dict) -> list[float] | None:
+    """Each test prompt's reward at the record's validation-selected worst mixture (None for a
+    record from before per-prompt scores)."""
+    per_prompt, name = metrics.get("per_prompt"), metrics.get("selected_mixture")
+    if not per_prompt or name not in (metrics.get("mixtures") or {}):
+        return None
+    mixture = metrics["mixtures"][name]
+    heads = torch.tensor(per_prompt["test"], dtype=torch.float64)
+    weights = torch.tensor(mixture["weights"], dtype=torch.float64)
+    return mix_rewards(heads, weights, mixture.get("kind", "convex")).tolist()
+
+
+def frontier_points(rec: dict) -> list[tuple[float, float]]:
+    """``(KL to the reference, worst case)`` at every evaluation of a record (the val-selected worst
+    case where the record has it), from its learning curve."""
+    key = "worst_case_selected" if "worst_case_selected" in (rec.get("metrics") or {}) else "worst_case"
+    return [
+        (float(c["kl_ref"]), float(c[key]))
+        for c in rec.get("curves") or []
+        if c.get("kl_ref") is not None and c.get(key) is not None
+    ]
+
+
+def kl_matched(points: list[tuple[float, float]], budget: float) -> float:
+    """The worst case at KL ``budget`` along a record's frontier: linear between the evaluations
+    on either side of it (sorted by KL), the nearest end's value outside them."""
+    if not points:
+        return math.nan
+    kl, worst = zip(*sorted(points), strict=True)
+    return float(np.interp(budget, kl, worst))
+
+
+def has_prompt_values(done: pd.DataFrame) -> bool:
+    return bool(len(done)) and all(isinstance(v, list) for v in done.prompt_values)
+
+
+def prompt_scores(done: pd.DataFrame) -> pd.DataFrame:
+    """``method`` (the config hash), ``seed``, ``prompt``, ``value`` of completed records: per test
+    prompt where every record has per-prompt values, else each seed's worst case as its one value."""
+    per_prompt = has_prompt_values(done)
+    rows = [
+        (r.config_hash, r.seed, i, float(v))
+        for r in done.itertuples()
+        for i, v in enumerate(r.prompt_values if per_prompt else [r.worst_case])
+    ]
+    return pd.DataFrame(rows, columns=["method", "seed", "prompt", "value"])
 
 
 def _config_value(rec: dict, which: str) -> str:
@@ -103,14 +170,22 @@ def t_halfwidth(values: pd.Series) -> float:
     n = values.count()
     if n < 2:
         return math.nan
-    return float(stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return float(scipy_stats.t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n))
 
 
 def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
-    """Completed records aggregated over seeds per config; ranked by mean worst-case reward."""
+    """Completed records aggregated over seeds per config; ranked by the mean of the ranking metric
+    (``ranked_by``), with a rank interval and each robust row's paired comparison with its base."""
     done = frame[frame.status == "completed"]
     if done.empty:
         return pd.DataFrame()
+    # A common KL budget per task: the smallest final KL of any config, which every config passed on
+    # its way; each record is then read at that KL along its frontier (equal regularization).
+    budget = done.groupby(["task", "config_hash"]).kl_ref.mean().groupby("task").min()
+    done = done.assign(kl_budget=done.task.map(budget))
+    done = done.assign(
+        kl_matched=[kl_matched(p, b) for p, b in zip(done.frontier, done.kl_budget, strict=True)]
+    )
     keys = ["task", "method", "config_hash", "context_hash", "radius", "radius_value", "size", "scale"]
     caps = [c for c in done.columns if c.startswith("cap:")]
     grouped = done.groupby(keys, dropna=False)
@@ -118,59 +193,116 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
         worst_case=("worst_case", "mean"),
         worst_case_std=("worst_case", "std"),
         worst_case_ci=("worst_case", t_halfwidth),
+        worst_case_selected=("worst_case_selected", "mean"),
+        worst_case_selected_ci=("worst_case_selected", t_halfwidth),
         seeds=("seed", "nunique"),
         mean_over_test=("mean_over_test", "mean"),
         train_reward=("train_reward", "mean"),
         kl_ref=("kl_ref", "mean"),
+        kl_matched=("kl_matched", "mean"),
+        kl_budget=("kl_budget", "first"),
         **{c: (c, "mean") for c in caps},
     ).reset_index()
     agg["worst_case_std"] = agg["worst_case_std"].fillna(0.0)
-    agg = agg.sort_values(["task", "worst_case"], ascending=[True, False]).reset_index(drop=True)
-    agg.insert(0, "rank", agg.groupby("task").cumcount() + 1)
-    return agg
+    parts = [_ranked(agg[agg.task == task], done[done.task == task]) for task in sorted(agg.task.unique())]
+    return pd.concat(parts, ignore_index=True)
+
+
+def _ranked(board: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
+    """One task's rows sorted by its ranking metric, with the rank interval and the paired columns."""
+    metric = "worst_case_selected" if has_prompt_values(done) else "worst_case"
+    board = board.sort_values(metric, ascending=False, kind="stable").reset_index(drop=True)
+    board.insert(0, "ranked_by", metric)
+    board.insert(0, "rank", [str(i) for i in range(1, len(board) + 1)])
+    scores = prompt_scores(done)
+    if scores.seed.nunique() >= 2 and len(board) > 1:
+        intervals = stats.rank_intervals(scores)
+        board["rank"] = [intervals.loc[h, "rank_text"] for h in board.config_hash]
+    return board.join(paired_with_base(board, scores))
+
+
+def paired_with_base(board: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Per row: the paired difference from its non-robust base (same task and training context)
+    over shared seeds and prompts, its 95% interval, the Holm-corrected p-value over the task's
+    comparisons and a mark (▲ better, ▼ worse, at 5%). Rows without a base, or sharing fewer than
+    two seeds with it, get NaN and no mark."""
+    found = {}
+    for i, row in board.iterrows():
+        method = methods.get(row.method) if row.method in methods.METHODS else None
+        base = board[
+            (board.method == getattr(method, "base", None)) & (board.context_hash == row.context_hash)
+        ]
+        if method is None or method.knob is None or base.empty:
+            continue
+        pair = scores[scores.method.isin([row.config_hash, base.config_hash.iloc[0]])]
+        shared = pair.groupby("seed").method.nunique()
+        if (shared == 2).sum() < 2:
+            continue
+        found[i] = stats.paired_comparison(pair, row.config_hash, base.config_hash.iloc[0], alpha=ALPHA)
+    adjusted = stats.holm({str(i): c.p_value for i, c in found.items()}) if found else {}
+    out = pd.DataFrame(
+        index=board.index, columns=["vs_base", "vs_base_low", "vs_base_high", "p_holm", "mark"]
+    )
+    out[["vs_base", "vs_base_low", "vs_base_high", "p_holm"]] = math.nan
+    out["mark"] = ""
+    for i, c in found.items():
+        p = adjusted[str(i)]
+        out.loc[i, ["vs_base", "vs_base_low", "vs_base_high", "p_holm"]] = [
+            c.estimate,
+            c.ci_low,
+            c.ci_high,
+            p,
+        ]
+        out.loc[i, "mark"] = stats.mark_of(c.estimate, p < ALPHA)
+    return out.astype({"vs_base": float, "vs_base_low": float, "vs_base_high": float, "p_holm": float})
 
 
 def failures(frame: pd.DataFrame) -> pd.DataFrame:
     return frame[frame.status != "completed"][["task", "method", "config_hash", "seed", "status", "error"]]
 
 
+def vs_base_text(row) -> str:
+    """``+0.0123 [+0.0040, +0.0206] ▲`` (or ``-`` without a comparison)."""
+    if pd.isna(row.vs_base):
+        return "-"
+    return f"{row.vs_base:+.4f} [{row.vs_base_low:+.4f}, {row.vs_base_high:+.4f}] {row.mark}".rstrip()
+
+
 def format_leaderboard(board: pd.DataFrame) -> str:
-    """The terminal leaderboard (Markdown)."""
+    """The terminal leaderboard (Markdown): rank intervals, the ranking metric with its 95%
+    t-interval over seeds, the plain minimum beside it, and the paired comparison with the base."""
     if board.empty:
         return "(no completed runs)"
+    selected = board.ranked_by.eq("worst_case_selected").all()
+    ranked = "worst_case_selected" if selected else "worst_case"
+    ci = board[f"{ranked}_ci"].fillna(0.0)
     shown = board.assign(
-        worst_case=[f"{m:.4f} ± {s:.4f}" for m, s in zip(board.worst_case, board.worst_case_std, strict=True)]
+        ranked=[f"{m:.4f} ± {c:.4f}" for m, c in zip(board[ranked], ci, strict=True)],
+        vs=[vs_base_text(r) for r in board.itertuples()],
+        p=[("" if pd.isna(v) else f"{v:.3g}") for v in board.p_holm],
     )
-    shown = shown[
-        [
-            "rank",
-            "task",
-            "method",
-            "config_hash",
-            "radius",
-            "size",
-            "scale",
-            "worst_case",
-            "seeds",
-            "mean_over_test",
-            "train_reward",
-            "kl_ref",
-        ]
-    ]
+    columns = ["rank", "task", "method", "config_hash", "radius", "size", "scale", "ranked"]
+    columns += ["worst_case"] if selected else []
+    columns += ["vs", "p", "seeds", "mean_over_test", "train_reward", "kl_ref", "kl_matched"]
+    shown = shown[columns]
     names = {
-        "worst_case": "worst-case (mean ± std)",
+        "ranked": "worst case, val-selected (± 95% CI)" if selected else "worst-case (± 95% CI)",
+        "worst_case": "min over mixtures",
+        "vs": "vs base [95% CI]",
+        "p": "p (Holm)",
         "mean_over_test": "mean test",
         "train_reward": "train mix",
         "kl_ref": "KL(ref)",
         "config_hash": "config",
+        "kl_matched": f"worst @ KL {board.kl_budget.iloc[0]:.3g}",
     }
     if all(_is_reward_model_task(t) for t in board.task):  # accuracies, not rewards
         names |= {
-            "worst_case": "worst OOD acc (mean ± std)",
+            "ranked": "worst OOD acc (± 95% CI)",
             "mean_over_test": "mean OOD acc",
             "train_reward": "ID acc",
         }
-        shown = shown.drop(columns=["kl_ref"])
+        shown = shown.drop(columns=["kl_ref", "kl_matched"])
     return shown.rename(columns=names).to_markdown(index=False, floatfmt=".4f")
 
 

@@ -2,10 +2,12 @@
 
 A pure function of the run records: nothing is recomputed. Each config of a method is its own row
 (seeds aggregated: mean and 95% t-interval); the best value of each column is in bold (highest
-reward, lowest KL); each robust method is compared with its non-robust base (REBEL, DPO or IPO)
-run with the same task and training config on the same seeds: the mean paired difference of the
-worst-case reward and a paired t-test marker (* p < 0.05, ** p < 0.01). Failed and incomplete
-cells are listed apart and never ranked.
+reward, lowest KL); the rank is a bootstrap interval; each robust method is compared with its
+non-robust base (REBEL, DPO or IPO) run with the same task and training config on the same seeds,
+prompt by prompt (``bench.harness.leaderboard``): the mean paired difference with its
+cluster-robust 95% interval, ▲/▼ where it is significant after Holm's correction. Below each
+table: the split-half rank agreement and the seeds needed to separate the top rows. Failed and
+incomplete cells are listed apart and never ranked.
 """
 
 from __future__ import annotations
@@ -16,71 +18,71 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-from scipy import stats
 
-import methods
-from bench.harness.leaderboard import failures, leaderboard, load_records, records_frame
+from bench.harness import stats
+from bench.harness.leaderboard import (
+    failures,
+    leaderboard,
+    load_records,
+    prompt_scores,
+    records_frame,
+    vs_base_text,
+)
 
 README_START, README_END = "<!-- bench-report:start -->", "<!-- bench-report:end -->"
 # (column, header, which value is best)
 COLUMNS = [
-    ("worst_case", "worst-case", "max"),
-    ("worst_case_ci", "± 95% CI", None),
+    ("ranked", "worst-case", "max"),
+    ("ranked_ci", "± 95% CI", None),
+    ("worst_case", "min over mixtures", "max"),
     ("mean_over_test", "mean test", "max"),
     ("train_reward", "train mix", "max"),
     ("kl_ref", "KL(ref)", "min"),
+    ("kl_matched", "worst @ common KL", "max"),
 ]
 
 
-def paired_vs_base(frame: pd.DataFrame, board: pd.DataFrame) -> list[str]:
-    """Per leaderboard row: ``+0.0123**`` against the base method on shared seeds, or ``-``."""
-    done = frame[frame.status == "completed"]
-    out = []
-    for row in board.itertuples():
-        method = methods.get(row.method) if row.method in methods.METHODS else None
-        if method is None or method.knob is None:
-            out.append("-")
-            continue
-        mine = done[(done.config_hash == row.config_hash) & (done.method == row.method)].set_index("seed")
-        base = done[(done.method == method.base) & (done.context_hash == row.context_hash)]
-        base = base[base.task == row.task].set_index("seed")
-        seeds = sorted(set(mine.index) & set(base.index))
-        if not seeds:
-            out.append("-")
-            continue
-        diff = mine.loc[seeds, "worst_case"].to_numpy() - base.loc[seeds, "worst_case"].to_numpy()
-        out.append(f"{diff.mean():+.4f}{significance(diff)}")
-    return out
-
-
-def significance(diff) -> str:
-    """Paired t-test marker for differences over seeds (``(n=1)`` with a single shared seed)."""
-    if len(diff) < 2:
-        return " (n=1)"
-    degenerate = diff.std(ddof=1) == 0  # identical differences: the test is exact
-    p = (0.0 if diff.mean() != 0 else 1.0) if degenerate else stats.ttest_1samp(diff, 0.0).pvalue
-    return "**" if p < 0.01 else "*" if p < 0.05 else ""
-
-
 def table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
-    """The numeric paper table of one task (rank order), with the paired comparison column."""
+    """The numeric paper table of one task (rank order), with the paired comparison columns. The
+    ranked column is the validation-selected worst case where the records have per-prompt scores
+    (then the plain minimum sits beside it), else the minimum."""
     board = leaderboard(frame[frame.task == task])
     if board.empty:
         return board
-    board["vs_base"] = paired_vs_base(frame, board)
+    ranked = board.ranked_by.iloc[0]
+    board["ranked"], board["ranked_ci"] = board[ranked], board[f"{ranked}_ci"]
+    board["vs_base"] = [vs_base_text(r) for r in board.itertuples()]
+    board["p_holm"] = ["" if pd.isna(v) else f"{v:.3g}" for v in board.p_holm]
     caps = [c for c in board.columns if c.startswith("cap:") and board[c].notna().any()]
-    cols = [
-        "rank",
-        "method",
-        "radius",
-        "size",
-        "scale",
-        "seeds",
-        *[c for c, _, _ in COLUMNS],
-        "vs_base",
-        *caps,
+    minimum = ["worst_case"] if ranked != "worst_case" else []
+    cols = ["rank", "method", "radius", "size", "scale", "seeds", "ranked", "ranked_ci", *minimum]
+    rest = ["mean_over_test", "train_reward", "kl_ref", "kl_matched", "vs_base", "p_holm"]
+    return board[[*cols, *rest, *caps]]
+
+
+def stability(frame: pd.DataFrame, task: str, top: int = 3) -> str:
+    """Split-half rank agreement over seeds, and the seeds needed at 80% power to separate each
+    adjacent pair of the top rows (from their per-seed paired differences)."""
+    done = frame[(frame.task == task) & (frame.status == "completed")]
+    scores = prompt_scores(done)
+    if scores.seed.nunique() < 2 or scores.method.nunique() < 2:
+        return ""
+    board = leaderboard(done)
+    parts = [
+        f"worst @ common KL: each config's worst case at KL(ref) = {board.kl_budget.iloc[0]:.4g} (the "
+        "smallest final KL of any config), interpolated between its evaluations",
+        "split-half rank agreement (Kendall's tau over halves of the seeds): "
+        f"{stats.split_half_tau(scores):.2f}",
     ]
-    return board[cols]
+    rows = board.head(top)
+    for a, b in zip(rows.itertuples(), rows.iloc[1:].itertuples(), strict=False):
+        try:
+            n = stats.seeds_for_power(scores, a.config_hash, b.config_hash)
+        except ValueError:
+            continue
+        shown = "more than 10^4" if not math.isfinite(n) or n > 1e4 else f"{math.ceil(n)}"
+        parts.append(f"seeds to separate {a.method} from {b.method} at 80% power: {shown}")
+    return "; ".join(parts) + "."
 
 
 def _cells(tab: pd.DataFrame) -> list[list[tuple[str, bool]]]:
@@ -95,7 +97,7 @@ def _cells(tab: pd.DataFrame) -> list[list[tuple[str, bool]]]:
         for col in tab.columns:
             v = r[col]
             if isinstance(v, float):
-                text = "" if math.isnan(v) else (f"± {v:.4f}" if col == "worst_case_ci" else f"{v:.4f}")
+                text = "" if math.isnan(v) else (f"± {v:.4f}" if col == "ranked_ci" else f"{v:.4f}")
                 cells.append((text, col in best and not math.isnan(v) and v == best[col]))
             else:
                 cells.append((str(v), False))
@@ -104,7 +106,7 @@ def _cells(tab: pd.DataFrame) -> list[list[tuple[str, bool]]]:
 
 
 def headers(tab: pd.DataFrame) -> list[str]:
-    names = {c: h for c, h, _ in COLUMNS} | {"vs_base": "Δ worst vs base"}
+    names = {c: h for c, h, _ in COLUMNS} | {"vs_base": "Δ vs base [95% CI]", "p_holm": "p (Holm)"}
     return [names.get(c, c.removeprefix("cap:")) for c in tab.columns]
 
 
@@ -189,6 +191,8 @@ def write_reports(
         caption = f"{name}: worst-case reward over held-out test mixtures (mean over seeds, 95% t-interval)"
         files = []
         md = to_markdown(tab) if not tab.empty else "(no completed runs)"
+        note = stability(frame, name) if not tab.empty else ""
+        md = f"{md}\n\n{note}" if note else md
         for fname, text in (
             ("leaderboard.md", md + "\n"),
             ("leaderboard.tex", to_latex(tab, caption)),

@@ -107,10 +107,20 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How a policy is scored on the held-out prompts (every evaluation, every method alike)."""
+
+    # responses per evaluation prompt, averaged per prompt: 4 halves the within-run standard error of
+    # the worst case on the lexicon task (0.109 -> 0.052, val-selected) for +31% cell time (README)
+    samples: int = 4
+
+
+@dataclass
 class RunConfig:
     task: Any = None  # the task's own dataclass
     method: MethodConfig = field(default_factory=MethodConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
 
 
@@ -153,6 +163,8 @@ def build_config(
         raise ConfigError(
             f"method.group_update={cfg.method.group_update!r}; known: {', '.join(GROUP_UPDATES)}"
         )
+    if cfg.eval.samples < 1:
+        raise ConfigError(f"eval.samples must be >= 1, got {cfg.eval.samples}")
     for key in ("iterations", "batch_size", "eval_every", "nproc"):
         if cfg.train[key] <= 0:
             raise ConfigError(f"train.{key} must be positive, got {cfg.train[key]}")

@@ -1,10 +1,13 @@
 """Scores of a policy on held-out preference mixtures, from per-prompt objective rewards.
 
-Responses are scored once into ``R[N, K]`` (one row per held-out prompt, one column per objective);
-every mixture is then a weight vector over the columns, so adding mixtures costs nothing. Per
-mixture: the mean over prompts with a percentile bootstrap CI over prompts; then the worst case
-(min over test mixtures, with its own bootstrap CI), the mean over test mixtures and the reward of
-the training mixture. Validation mixtures are scored on validation prompts for tuning.
+Responses are scored once into ``R[N, K]`` (one row per held-out prompt, one column per objective:
+the mean over ``eval.samples`` responses); every mixture is then a weight vector over the columns,
+so adding mixtures costs nothing. Per mixture: the mean over prompts with a percentile bootstrap CI
+over prompts; then the worst case (min over test mixtures, with its own bootstrap CI), the worst
+case selected on validation prompts and scored on test prompts, the mean over test mixtures and the
+reward of the training mixture. Validation mixtures are scored on validation prompts for tuning.
+``R`` itself goes into the record (``per_prompt``), so methods of a seed, which are evaluated on
+the same prompts with the same sampling streams, can be compared prompt by prompt.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def mixture_scores(
     if reps is not None:
         bounds = torch.quantile(reps, torch.tensor([0.025, 0.975], dtype=reps.dtype), dim=0).T.tolist()
     for j, m in enumerate(protocol.test):
-        row = {"reward": float(means[j]), "weights": list(m.weights)}
+        row = {"reward": float(means[j]), "weights": list(m.weights), "kind": m.kind}
         alpha = protocol.pair_alpha(m)
         if alpha is not None:
             row["pair_alpha"] = alpha
@@ -79,6 +82,14 @@ def mixture_scores(
     if reps is not None:
         lo, hi = torch.quantile(reps.min(1).values, torch.tensor([0.025, 0.975], dtype=reps.dtype))
         out["worst_case_ci"] = [float(lo), float(hi)]
+    # The worst case without the winner's curse: the test mixture that is worst on the validation
+    # prompts, scored on the test prompts (the min over noisy test means is biased low).
+    selected = int(_mixture_matrix(val_heads.double(), protocol.test).mean(0).argmin())
+    out["worst_case_selected"] = float(means[selected])
+    out["selected_mixture"] = protocol.test[selected].name
+    if reps is not None:
+        lo, hi = torch.quantile(reps[:, selected], torch.tensor([0.025, 0.975], dtype=reps.dtype))
+        out["worst_case_selected_ci"] = [float(lo), float(hi)]
     out["mean_over_test"] = float(means.mean())
     out["objectives"] = list(protocol.names)
     out["seen_pair"] = [protocol.names[k] for k in protocol.seen[:2]] if protocol.names else []
@@ -86,7 +97,13 @@ def mixture_scores(
     val = _mixture_matrix(val_heads.double(), protocol.val).mean(0)
     out["val_worst_case"] = float(val.min())
     out["val_mean"] = float(val.mean())
+    out["per_prompt"] = {"test": _rounded(test_heads), "val": _rounded(val_heads)}
     return out
+
+
+def _rounded(heads: Tensor) -> list[list[float]]:
+    """Per-prompt head rewards ``[N, K]`` for the record (8 significant digits keep it small)."""
+    return [[float(f"{v:.8g}") for v in row] for row in heads.double().tolist()]
 
 
 STD_FLOOR = 1e-2  # heads whose reference std is below this are scaled by 1/STD_FLOOR
@@ -131,49 +148,69 @@ def seeded_rng(seed: int, model) -> Iterator[None]:
         yield
 
 
+def _per_prompt_heads(task, scaler: HeadScaler, prompts: list[str], texts: list[str], k: int) -> list:
+    """Each prompt's heads averaged over its ``k`` responses (``[n, K]`` as lists)."""
+    heads = scaler(task.score([p for p in prompts for _ in range(k)], texts))
+    return heads.view(len(prompts), k, -1).mean(1).tolist()
+
+
 @torch.no_grad()
 def evaluate_lm(
-    policy, *, task, tok, reference, scaler: HeadScaler, seed: int, iteration: int, show: int = 4
+    policy,
+    *,
+    task,
+    tok,
+    reference,
+    scaler: HeadScaler,
+    seed: int,
+    iteration: int,
+    samples: int = 1,
+    show: int = 4,
 ):
     """Score a policy on the held-out prompts: mixture metrics, KL to the reference, length.
 
-    One response per test and validation prompt, sampled with a seed fixed by (seed, iteration)
-    in a forked RNG (training randomness is untouched); heads scored once; every mixture is then a
-    weight vector. KL(policy || reference) per token is the Monte Carlo estimate
-    ``mean_x [sum_t log pi(y_t) - log pi_ref(y_t)] / |y|`` on the test responses.
+    ``samples`` responses per test and validation prompt, sampled with a seed fixed by (seed,
+    iteration) in a forked RNG: training randomness is untouched, and every method of a seed draws
+    from the same streams on the same prompts (common random numbers). Heads are scored once and
+    averaged per prompt; every mixture is then a weight vector. KL(policy || reference) per token
+    is the Monte Carlo estimate ``mean_y [sum_t log pi(y_t) - log pi_ref(y_t)] / |y|`` on the test
+    responses.
     """
     rank, size = world()  # under train.nproc each rank samples and scores its block of prompts
     test_prompts = [p.text for p in task.prompts("test")]
     val_prompts = [p.text for p in task.prompts("val")]
     mine_test, mine_val = shard(test_prompts, rank, size), shard(val_prompts, rank, size)
     with seeded_rng(seed * 1_000_003 + iteration + rank * 104_729, policy):
-        test = sample(policy, tok, mine_test, 1, task.sampling)
-        val = sample(policy, tok, mine_val, 1, task.sampling)
-    seqs = sequence_batch(test.prompt_ids, test.response_ids, tok.pad_token_id).to(
+        test = sample(policy, tok, mine_test, samples, task.sampling)
+        val = sample(policy, tok, mine_val, samples, task.sampling)
+    prompt_ids = [ids for ids in test.prompt_ids for _ in range(samples)]
+    seqs = sequence_batch(prompt_ids, test.response_ids, tok.pad_token_id).to(
         next(policy.parameters()).device
     )
     temperature = task.sampling.temperature
     diff = chunked_logps(policy, seqs, temperature) - chunked_logps(reference, seqs, temperature)
     lengths = seqs.target_mask.sum(1)
+    per_token = (diff.float() / lengths.clamp_min(1)).view(len(mine_test), samples)
     rows = gather_rows(
         list(
             zip(
-                scaler(task.score(mine_test, test.texts)).tolist(),
-                (diff.float() / lengths).tolist(),
-                lengths.tolist(),
-                test.texts,
+                _per_prompt_heads(task, scaler, mine_test, test.texts, samples),
+                per_token.mean(1).tolist(),
+                lengths.double().view(len(mine_test), samples).mean(1).tolist(),
+                test.texts[::samples],
                 strict=True,
             )
         )
     )
     heads_test = torch.tensor([r[0] for r in rows], dtype=torch.float64)
     heads_val = torch.tensor(
-        gather_rows(scaler(task.score(mine_val, val.texts)).tolist()), dtype=torch.float64
+        gather_rows(_per_prompt_heads(task, scaler, mine_val, val.texts, samples)), dtype=torch.float64
     )
     texts = [r[3] for r in rows]
     scores = mixture_scores(heads_test, heads_val, task.protocol, seed=seed)
     scores["kl_ref"] = float(torch.tensor([r[1] for r in rows]).mean())
     scores["response_len"] = float(torch.tensor([r[2] for r in rows], dtype=torch.float64).mean())
+    scores["eval_samples"] = samples
     train_mix = task.protocol.train.apply(heads_test)
     shown = [
         {"prompt": test_prompts[i], "response": texts[i], "train_reward": float(train_mix[i])}

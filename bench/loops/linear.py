@@ -147,5 +147,6 @@ def train(cfg: DictConfig, task: LinearTask, run_dir: Path, on_eval: OnEval | No
 
 
 def _curve_row(scores: dict) -> dict:
-    keys = ("worst_case", "mean_over_test", "train_reward", "val_worst_case", "kl_ref", "param_error")
+    keys = ("worst_case", "worst_case_selected", "mean_over_test", "train_reward", "val_worst_case", "kl_ref")
+    keys = (*keys, "param_error")
     return {k: scores[k] for k in keys}

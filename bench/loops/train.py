@@ -292,7 +292,15 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
 
     def evaluate(model, **kwargs):
         with ctx():
-            return evaluate_lm(model, task=task, tok=tok, reference=reference, seed=cfg.seed, **kwargs)
+            return evaluate_lm(
+                model,
+                task=task,
+                tok=tok,
+                reference=reference,
+                seed=cfg.seed,
+                samples=cfg.eval.samples,
+                **kwargs,
+            )
 
     ckpt = Path(run_dir) / "checkpoint.pt"
     ckpt.parent.mkdir(parents=True, exist_ok=True)
@@ -342,6 +350,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
     if offline is None:
         options = OmegaConf.to_container(tc.generator_options, resolve=True)
         generator = make_generator(tc.generator, policy, tok, **options)
+    last = None  # the evaluation at the last iteration, which is the final one
     for it in range(progress["iteration"] + 1, tc.iterations + 1):
         idx = shard(sampler.take(tc.batch_size), rank, size)  # this rank's block of the global batch
         t0 = time.perf_counter()
@@ -390,10 +399,12 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
             generator.sync(policy)
             timing["gen_s"] += time.perf_counter() - t2
         if it % tc.eval_every == 0 or it == tc.iterations:
-            row, _ = evaluate(policy, scaler=scaler, iteration=it)
+            row, shown = evaluate(policy, scaler=scaler, iteration=it)
             progress["curves"].append(
                 {"iteration": it, "robust_value": float(stats.value), **_curve_row(row)}
             )
+            if it == tc.iterations:  # the final evaluation: the same seed, so the same numbers
+                last = row, shown
         progress["iteration"], progress["agg_state"] = it, agg_state
         if tc.checkpoint_every and it % tc.checkpoint_every == 0 and it < tc.iterations:
             streams = gather_rows([(gen.get_state(), rng_state())])  # every rank's, in rank order
@@ -415,7 +426,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
                     },
                 )
 
-    final, after = evaluate(policy, scaler=scaler, iteration=tc.iterations)
+    final, after = last or evaluate(policy, scaler=scaler, iteration=tc.iterations)
     if generator is not None:
         generator.close()
     if rank == 0:
@@ -461,5 +472,6 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
 
 
 def _curve_row(scores: dict) -> dict:
-    keys = ("worst_case", "mean_over_test", "train_reward", "val_worst_case", "kl_ref", "response_len")
+    keys = ("worst_case", "worst_case_selected", "mean_over_test", "train_reward", "val_worst_case", "kl_ref")
+    keys = (*keys, "response_len")
     return {k: scores[k] for k in keys}
