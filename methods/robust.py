@@ -59,6 +59,8 @@ def _check_radius(name: str, value: float, upper: float = math.inf) -> float:
 def _on_max(x: Tensor, q: Tensor) -> Tensor:
     """The base distribution restricted to the largest loss (ties share the mass)."""
     top = (x == x.max()).to(x.dtype) * q
+    if not bool(top.sum() > 0):  # else 0 / 0: NaN weights
+        raise ValueError("base gives the largest loss mass 0; drop the samples of base mass 0")
     return top / top.sum()
 
 

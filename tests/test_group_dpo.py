@@ -170,16 +170,21 @@ def test_group_weights_keeps_its_alpha_length():
 @pytest.mark.parametrize(
     ("kwargs", "state", "groups", "match"),
     [
-        ({"update": "paper"}, None, [0], "unknown group update 'paper'"),
+        ({"update": "paper"}, None, [0], r"^unknown group update 'paper'; known: bench, official$"),
         ({"n_groups": 2}, None, [2], r"ids in \[0, 2\)"),
         ({"n_groups": 1}, {"alpha": torch.tensor([0.5, 0.5])}, [0], "holds 2 groups"),
         ({"n_groups": 0}, None, [0], "n_groups = 0"),
-        ({}, None, [-1], "non-negative ids"),
+        ({}, None, [-1], r"^groups must be non-negative ids with the shape of losses$"),
         ({"n_groups": 2, "update": "official", "shares": [1.0]}, None, [0], "2 non-negative numbers"),
         ({"n_groups": 2, "update": "official", "shares": [1.0, -1.0]}, None, [0], "non-negative numbers"),
         ({"n_groups": 2, "update": "official", "shares": [0.0, 0.0]}, None, [0], "non-negative numbers"),
         ({"n_groups": 2, "update": "official", "shares": [1.0, math.nan]}, None, [0], "non-negative numbers"),
-        ({"n_groups": 2, "update": "official", "shares": [1.0, 0.0]}, None, [1], "share 0"),
+        (
+            {"n_groups": 2, "update": "official", "shares": [1.0, 0.0]},
+            None,
+            [1],
+            r"^a group with share 0 in the training set appears in the batch$",
+        ),
     ],
 )
 def test_clear_errors(kwargs, state, groups, match):
@@ -281,3 +286,56 @@ def test_the_official_gradient_holds_alpha_fixed():
         torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
     assert float(alpha[2]) > 0  # the absent group keeps its mass (no renormalization)
     assert float(obj.stats.value) == pytest.approx(float((alpha[:2] * group_loss).sum().detach()), rel=1e-12)
+
+
+# Aimed at the survivors of the mutation run (methods/MUTANTS.md).
+
+
+def test_eta_alpha_errors_name_it():
+    for bad in (-0.1, math.nan):
+        with pytest.raises(ValueError, match=r"^eta_alpha must lie in \[0, inf\], got"):
+            group_step(torch.ones(2), torch.tensor([0, 1]), None, bad)
+
+
+def test_group_ids_of_any_dtype():
+    """uint8, int32 or float ids (e.g. a dataset column) give the int64 ids' step."""
+    losses = torch.tensor([1.0, 3.0, 0.5, 2.0], dtype=torch.float64)
+    ids = [0, 1, 1, 2]
+    expected = group_step(losses, torch.tensor(ids), None, ETA)
+    for dtype in (torch.uint8, torch.int32, torch.float64):
+        p, value, state = group_step(losses, torch.tensor(ids, dtype=dtype), None, ETA)
+        assert torch.equal(p, expected[0]) and torch.equal(value, expected[1])
+        assert torch.equal(state["alpha"], expected[2]["alpha"])
+
+
+def test_float32_losses_get_float32_weights_and_value():
+    for update in ("bench", "official"):
+        p, value, state = group_step(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]), None, ETA, update=update)
+        assert p.dtype == value.dtype == torch.float32 and state["alpha"].dtype == torch.float64
+
+
+def test_one_group_is_the_mean():
+    losses = torch.tensor([1.0, 3.0, 0.5, 2.5], dtype=torch.float64)
+    for update in ("bench", "official"):
+        p, value, state = group_step(
+            losses, torch.zeros(4, dtype=torch.long), None, ETA, n_groups=1, update=update
+        )
+        assert p.tolist() == pytest.approx([0.25] * 4, abs=1e-15)
+        assert float(value) == pytest.approx(1.75, abs=1e-15)
+        assert state["alpha"].tolist() == [1.0]
+
+
+def test_a_float32_state_is_continued_in_float64():
+    """A state saved in float32 (a checkpoint) steps exactly like its float64 copy."""
+    losses = torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64)
+    alpha = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float32)
+    for n_groups in (3, 4):  # as is, and grown
+        for extra in ({}, {"log_norm": 1.3}):
+            a = group_step(losses, torch.tensor([0, 1, 2]), {"alpha": alpha, **extra}, ETA, n_groups=n_groups)
+            b = group_step(
+                losses, torch.tensor([0, 1, 2]), {"alpha": alpha.double(), **extra}, ETA, n_groups=n_groups
+            )
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+            assert torch.equal(a[2]["alpha"], b[2]["alpha"]) and a[2]["alpha"].dtype == torch.float64
+    new = group_weights(losses, torch.tensor([0, 1, 2]), alpha, ETA)[2]
+    assert torch.equal(new, group_weights(losses, torch.tensor([0, 1, 2]), alpha.double(), ETA)[2])

@@ -400,3 +400,142 @@ def test_knob_validate():
         knob.validate(5e-4)
     assert Knob("t", 1.0, 0.0, 1.0, larger_is_more_robust=False).validate(0.0) == 0.0
     assert knob.log and knob.larger_is_more_robust
+
+
+# Aimed at the survivors of the mutation run (methods/MUTANTS.md).
+
+
+def test_global_weights_value_of_a_reweighting_method():
+    losses = torch.tensor([0.5, 2.0, 1.0, -0.3], dtype=torch.float64)
+    stats = methods.global_weights(methods.get("kl-rebel"), 0.4, losses)
+    p, value = kl_weights(losses, 0.4)
+    assert float(stats.value) == pytest.approx(
+        0.4 * math.log(float(torch.exp(losses / 0.4).mean())), abs=1e-12
+    )
+    assert torch.equal(stats.weights, p) and torch.equal(stats.value, value)
+
+
+def test_global_weights_carries_the_group_state():
+    """Two steps of GR-DPO: alpha = softmax(eta·(L_1 + L_2)), the per-group means summed."""
+    method, eta = methods.get("gr-dpo"), 0.5
+    groups = torch.tensor([0, 0, 1])
+    first = methods.global_weights(
+        method, eta, torch.tensor([1.0, 3.0, 0.5], dtype=torch.float64), groups=groups
+    )
+    second = methods.global_weights(
+        method, eta, torch.tensor([2.0, 0.0, 1.5], dtype=torch.float64), groups=groups, state=first.state
+    )
+    c = torch.tensor([eta * (2.0 + 1.0), eta * (0.5 + 1.5)], dtype=torch.float64)
+    torch.testing.assert_close(second.state["alpha"], torch.softmax(c, 0), rtol=1e-12, atol=1e-15)
+
+
+def test_a_group_method_without_groups_is_a_clear_error():
+    method = methods.get("gr-dpo")
+    model, data = make(0)
+    with pytest.raises(ValueError, match="gr-dpo needs a group id per sample"):
+        methods.robust_objective(method, 0.5, losses_fn(method, model, data)(torch.arange(4))[0])
+    with pytest.raises(ValueError, match="gr-dpo needs a group id per sample"):
+        methods.accumulate_gradients(method, 0.5, [torch.arange(4)], losses_fn(method, model, data))
+
+
+@pytest.mark.parametrize("name", ["kl-rebel", "gr-dpo"])
+def test_reweighting_needs_no_penalty_inputs(name):
+    """Without a Wasserstein penalty, losses_fn may return no inputs, and accumulation still works."""
+    method = methods.get(name)
+    model, data = make(3)
+    full, _ = full_batch_grads(method, model, data)
+    model.zero_grad()
+    fn = losses_fn(method, model, data)
+    stats = methods.accumulate_gradients(
+        method,
+        radius(method),
+        list(torch.arange(64).split(16)),
+        lambda mb: (fn(mb)[0], []),
+        groups=data["groups"],
+    )
+    assert stats.weights.numel() == 64
+    for a, p in zip(full, model.parameters(), strict=True):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_a_one_shot_iterator_of_micro_batches_never_drops_the_gradient():
+    """A generator is consumed by the first pass: accumulate_gradients refuses it (or gets it right)."""
+    method = methods.get("chi2-rebel")
+    model, data = make(3)
+    full, _ = full_batch_grads(method, model, data)
+    model.zero_grad()
+    batches = iter(torch.arange(64).split(16))
+    try:
+        methods.accumulate_gradients(method, radius(method), batches, losses_fn(method, model, data))
+    except ValueError:
+        return
+    for a, p in zip(full, model.parameters(), strict=True):
+        assert p.grad is not None
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_backward_robust_is_one_pass_unless_micro_batched():
+    """micro_batch in (0, n): two passes over the slices; 0 (the default) or >= n: one call."""
+    method = methods.get("w-rebel")
+    model, data = make(3)
+    calls = []
+    fn = losses_fn(method, model, data)
+
+    def counted(rows):
+        calls.append(len(rows))
+        return fn(rows)
+
+    for kwargs, expected in (({}, [8]), ({"micro_batch": 8}, [8]), ({"micro_batch": 4}, [4, 4, 4, 4])):
+        calls.clear()
+        methods.backward_robust(method, 0.3, 8, counted, **kwargs)
+        assert calls == expected, kwargs
+
+
+def test_backward_robust_defaults_to_the_sqrt_mean_penalty():
+    method = methods.get("w-rebel")
+    model, data = make(3)
+    grads = {}
+    for form in (None, "sqrt_mean", "per_sample_sq"):
+        model.zero_grad()
+        kwargs = {} if form is None else {"w_form": form}
+        stats = methods.backward_robust(method, 0.3, 16, losses_fn(method, model, data), **kwargs)
+        grads[form] = ([p.grad.clone() for p in model.parameters()], stats.value)
+    for a, b in zip(grads[None][0], grads["sqrt_mean"][0], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert float(grads[None][1]) == float(grads["sqrt_mean"][1]) != float(grads["per_sample_sq"][1])
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_gather_detached_keeps_float64_and_ids(monkeypatch, rank):
+    from methods import distributed
+
+    for blocks in (
+        [
+            torch.tensor([1 / 3, 2 / 3, 1e-300], dtype=torch.float64),
+            torch.tensor([math.pi], dtype=torch.float64),
+        ],
+        [torch.tensor([2**40 + 1, 3]), torch.tensor([7])],
+    ):
+        monkeypatch.setattr(distributed, "dist", FakeDist(rank, blocks))
+        full, offset = distributed.gather_detached(blocks[rank])
+        assert full.dtype == blocks[0].dtype and torch.equal(full, torch.cat(blocks))
+        assert offset == (0 if rank == 0 else blocks[0].numel())
+
+
+def test_grad_sq_norms_names_a_bad_input():
+    x = torch.randn(5, 2, requires_grad=True)
+    losses = x[:2].sum(1)
+    with pytest.raises(ValueError, match=r"^an input has 5 rows, not a multiple of the 2 samples$"):
+        grad_sq_norms(losses, [x])
+
+
+def test_registered_defaults_are_empty(scratch_registry):
+    from methods.registry import AGGREGATORS, METHODS
+
+    def bare(losses, radius):
+        return methods.AGGREGATORS.get("erm").weights(losses, radius)
+
+    scratch_registry += [(AGGREGATORS, "t-bare"), (METHODS, "t-bare-m")]
+    methods.register_aggregator("t-bare", None)(bare)
+    assert AGGREGATORS.get("t-bare").description == ""  # no docstring, no description
+    assert methods.register_method("t-bare-m", "dpo", "t-bare", "bare").reference == ""

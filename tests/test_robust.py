@@ -208,7 +208,7 @@ def test_chi2_large_n_is_fast_enough_and_exact():
 
 
 @pytest.mark.parametrize("losses", CASES)
-@pytest.mark.parametrize("rho", [0.01, 0.1, 0.5, 2.0])
+@pytest.mark.parametrize("rho", [0.01, 0.1, 0.5, 1.0, 2.0])
 def test_chi2_is_certified_by_its_dual(losses, rho):
     p, value = chi2_weights(torch.tensor(losses), rho)
     n, p = len(losses), p.numpy()
@@ -310,3 +310,99 @@ def test_kl_ball_edges():
     p, value = kl_constrained(torch.tensor([-1.0, 1.0], dtype=torch.float64), 0.1)
     kl = float(np.sum(special.xlogy(p.numpy(), 2 * p.numpy())))
     assert kl == pytest.approx(0.1, rel=1e-6) and float(value) > 0
+
+
+# Aimed at the survivors of the mutation run (methods/MUTANTS.md).
+
+
+def test_kl_ball_at_its_cap_is_the_max():
+    """radius = -log q(argmax) exactly: the ball just reaches the point mass on the max."""
+    for losses in ([0.0, 1.0], [0.0, 3.0, 1.0]):
+        x = torch.tensor(losses, dtype=torch.float64)
+        p, value = kl_constrained(x, -math.log(1 / len(losses)))
+        assert p.tolist() == pytest.approx((x == x.max()).double().tolist(), abs=1e-12)
+        assert float(value) == pytest.approx(max(losses), abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "fn,radius,big", [(kl_constrained, 0.1, 1e200), (chi2_weights, 0.3, 1e100), (tv_weights, 0.2, 1e200)]
+)
+def test_balls_are_scale_invariant(fn, radius, big):
+    """Scaling the losses by c > 0 keeps the worst case and scales the value (spread 1 included).
+    chi2 squares the losses, so its range is the square root of float64's."""
+    losses = torch.tensor([0.0, 0.25, 1.0, 0.6, 0.3], dtype=torch.float64)  # max - min = 1 exactly
+    p0, v0 = fn(losses, radius)
+    assert not torch.allclose(p0, torch.full_like(p0, 0.2))  # a real reweighting, not the mean
+    for c in (1 / big, 1e-12, 1e-6, 1e6, big):
+        p, value = fn(c * losses, radius)
+        assert torch.allclose(p, p0, rtol=1e-9, atol=1e-12), c
+        assert float(value) == pytest.approx(c * float(v0), rel=1e-9, abs=0.0)
+
+
+def test_kl_ball_is_shift_invariant_far_from_zero():
+    """Losses near 2**50: shifting by a constant keeps the tilt (integers stay exact there)."""
+    losses = torch.tensor([0.0, 1.0, 4.0, 3.0], dtype=torch.float64)
+    p0, v0 = kl_constrained(losses, 0.05)
+    for shift in (2.0**50, -(2.0**50)):
+        p, value = kl_constrained(losses + shift, 0.05)
+        assert torch.allclose(p, p0, rtol=1e-9, atol=1e-12)
+        assert float(value) - shift == pytest.approx(float(v0), abs=0.5)  # the ulp at 2**50 is 0.25
+
+
+@pytest.mark.parametrize("fn,radius", ALL)
+def test_a_base_mass_of_zero_drops_the_sample(fn, radius):
+    """A sample of base mass 0 (not the max) gets weight 0; the rest is the solve without it."""
+    losses = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    p, value = fn(losses, radius, base=torch.tensor([0.5, 0.0, 0.5], dtype=torch.float64))
+    p2, value2 = fn(torch.tensor([0.0, 2.0], dtype=torch.float64), radius)
+    assert p.tolist() == pytest.approx([float(p2[0]), 0.0, float(p2[1])], abs=1e-12)
+    assert float(value) == pytest.approx(float(value2), abs=1e-12)
+
+
+def test_a_base_without_mass_on_the_largest_loss_is_a_clear_error():
+    """Was NaN weights (tv, kl at tau 0, chi2 at a large rho) or 'math domain error' (KL ball)."""
+    losses = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64)
+    base = torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)
+    for fn, radius in ((kl_constrained, 0.1), (tv_weights, 0.2), (kl_weights, 0.0), (chi2_weights, 10.0)):
+        with pytest.raises(ValueError, match=r"^base gives the largest loss mass 0"):
+            fn(losses, radius, base=base)
+    p, _ = chi2_weights(losses, 0.3, base=base)  # a small ball stays on the base's support
+    assert float(p[2]) == 0.0 and float(p.sum()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_kl_ball_root_out_of_float_range_still_gives_the_value():
+    """Two losses one ulp apart and an enormous spread: the tilt that reaches the radius is beyond
+    1e300, and the solver stops doubling there with the value of the top pair."""
+    losses = torch.tensor([1.0, 1.0 - 2.0**-52, -1e300], dtype=torch.float64)
+    p, value = kl_constrained(losses, 0.6)  # between log(3/2) and log(3)
+    assert float(p[2]) == 0.0 and float(p.sum()) == pytest.approx(1.0, abs=1e-15)
+    assert float(value) == pytest.approx(1.0, abs=1e-15)
+
+
+@pytest.mark.parametrize("eps", [1e-8, 1e-6])
+def test_kl_ball_small_radius_is_on_the_boundary(eps):
+    """For a tiny radius the tilt t is tiny too; the KL still meets the radius to relative
+    precision (about 3e-8 at 1e-8: the rounding of KL near 0 itself)."""
+    losses = CASES[0]
+    p, _ = kl_constrained(torch.tensor(losses), eps)
+    p = p.numpy()
+    n = len(losses)
+    kl = float(np.sum(p * np.log1p(p * n - 1)))
+    assert kl == pytest.approx(eps, rel=1e-6, abs=0.0)
+
+
+@pytest.mark.parametrize("fn,radius", ALL)
+def test_a_float32_base_is_read_in_float64(fn, radius):
+    losses = torch.tensor(CASES[3][:4])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float32)
+    p32, v32 = fn(losses, radius, base=q)
+    p64, v64 = fn(losses, radius, base=q.double())
+    assert torch.equal(p32, p64) and torch.equal(v32, v64)
+
+
+def test_kl_ball_of_equal_losses_at_a_radius_below_rounding():
+    """Seven equal losses: sum(q) rounds below 1, so the cap is ~2e-16 > radius; still the mean."""
+    p, value = kl_constrained(torch.full((7,), 2.5, dtype=torch.float64), 1e-300)
+    assert p.tolist() == pytest.approx([1 / 7] * 7, abs=1e-15) and float(value) == pytest.approx(
+        2.5, abs=1e-15
+    )
