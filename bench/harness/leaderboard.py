@@ -145,9 +145,10 @@ def prompt_scores(done: pd.DataFrame) -> pd.DataFrame:
     """``method`` (the config hash), ``seed``, ``prompt``, ``value`` of completed records: per test
     prompt where every record has per-prompt values, else each seed's worst case as its one value."""
     per_prompt = has_prompt_values(done)
+    once = done.drop_duplicates(["config_hash", "seed"])  # a cell's copies (e.g. a tuning trial) agree
     rows = [
         (r.config_hash, r.seed, i, float(v))
-        for r in done.itertuples()
+        for r in once.itertuples()
         for i, v in enumerate(r.prompt_values if per_prompt else [r.worst_case])
     ]
     return pd.DataFrame(rows, columns=["method", "seed", "prompt", "value"])
