@@ -105,6 +105,23 @@ def local_objective(
     return objective
 
 
+def gathered_weights(
+    method: Method,
+    radius: float,
+    losses: Tensor,
+    grad_sq: Tensor | None,
+    groups: Tensor | None,
+    **kwargs,
+) -> tuple[GlobalWeights, int]:
+    """``global_weights`` of this rank's detached losses (and penalty norms and group ids) all-gathered
+    across ranks, with the offset of this rank's block in the global batch."""
+    global_losses, offset = gather_detached(losses)
+    global_g = None if grad_sq is None else gather_detached(grad_sq)[0]
+    global_groups = None if groups is None else gather_detached(groups.to(torch.float64))[0].round().long()
+    stats = global_weights(method, radius, global_losses, grad_sq=global_g, groups=global_groups, **kwargs)
+    return stats, offset
+
+
 @dataclass
 class Objective:
     loss: Tensor  # backprop this: same gradient as the robust objective
@@ -128,25 +145,12 @@ def robust_objective(
     features); detached losses, groups and penalty norms are all-gathered across ranks.
     """
     grad_sq = None
-    global_g = None
     if method.aggregator.kind == "wasserstein":
         if not inputs:
             raise ValueError(f"{method.name} needs the inputs (embeddings) the losses depend on")
         grad_sq = grad_sq_norms(losses, inputs, create_graph=True)
-        global_g, _ = gather_detached(grad_sq)
-    global_losses, offset = gather_detached(losses)
-    global_groups = None
-    if groups is not None:
-        global_groups = gather_detached(groups.to(torch.float64))[0].round().long()
-    stats = global_weights(
-        method,
-        radius,
-        global_losses,
-        grad_sq=global_g,
-        groups=global_groups,
-        state=state,
-        w_form=w_form,
-        group_options=group_options,
+    stats, offset = gathered_weights(
+        method, radius, losses, grad_sq, groups, state=state, w_form=w_form, group_options=group_options
     )
     return Objective(local_objective(stats, losses, offset, grad_sq), stats)
 
@@ -179,18 +183,13 @@ def accumulate_gradients(
             if wasserstein:
                 norms.append(grad_sq_norms(losses, inputs, create_graph=False).detach())
         parts.append(losses.detach())
-    local_losses = torch.cat(parts)
-    global_losses, offset = gather_detached(local_losses)
-    global_g = gather_detached(torch.cat(norms))[0] if wasserstein else None
-    global_groups = None
-    if groups is not None:
-        global_groups = gather_detached(groups.to(torch.float64))[0].round().long()
-    stats = global_weights(
+    local_g = torch.cat(norms) if wasserstein else None
+    stats, offset = gathered_weights(
         method,
         radius,
-        global_losses,
-        grad_sq=global_g,
-        groups=global_groups,
+        torch.cat(parts),
+        local_g,
+        groups,
         state=state,
         w_form=w_form,
         group_options=group_options,

@@ -42,13 +42,13 @@ COLUMNS = [
 ]
 
 
-def table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
-    """The numeric paper table of one task (rank order), with the paired comparison columns. The
-    ranked column is the validation-selected worst case where the records have per-prompt scores
-    (then the plain minimum sits beside it), else the minimum."""
-    board = leaderboard(frame[frame.task == task])
+def table(board: pd.DataFrame) -> pd.DataFrame:
+    """The numeric paper table of one task's leaderboard (rank order), with the paired comparison
+    columns. The ranked column is the validation-selected worst case where the records have
+    per-prompt scores (then the plain minimum sits beside it), else the minimum."""
     if board.empty:
         return board
+    board = board.copy()
     ranked = board.ranked_by.iloc[0]
     board["ranked"], board["ranked_ci"] = board[ranked], board[f"{ranked}_ci"]
     board["vs_base"] = [vs_base_text(r) for r in board.itertuples()]
@@ -60,14 +60,13 @@ def table(frame: pd.DataFrame, task: str) -> pd.DataFrame:
     return board[[*cols, *rest, *caps]]
 
 
-def stability(frame: pd.DataFrame, task: str, top: int = 3) -> str:
+def stability(frame: pd.DataFrame, task: str, board: pd.DataFrame, top: int = 3) -> str:
     """Split-half rank agreement over seeds, and the seeds needed at 80% power to separate each
-    adjacent pair of the top rows (from their per-seed paired differences)."""
+    adjacent pair of the top rows of ``board`` (from their per-seed paired differences)."""
     done = frame[(frame.task == task) & (frame.status == "completed")]
     scores = prompt_scores(done)
     if scores.seed.nunique() < 2 or scores.method.nunique() < 2:
         return ""
-    board = leaderboard(done)
     parts = [
         f"worst @ common KL: each config's worst case at KL(ref) = {board.kl_budget.iloc[0]:.4g} (the "
         "smallest final KL of any config), interpolated between its evaluations",
@@ -187,11 +186,12 @@ def write_reports(
     for name in sorted(frame.task.dropna().unique()):
         folder = Path(out) / name
         folder.mkdir(parents=True, exist_ok=True)
-        tab = table(frame, name)
+        board = leaderboard(frame[frame.task == name])
+        tab = table(board)
         caption = f"{name}: worst-case reward over held-out test mixtures (mean over seeds, 95% t-interval)"
         files = []
         md = to_markdown(tab) if not tab.empty else "(no completed runs)"
-        note = stability(frame, name) if not tab.empty else ""
+        note = stability(frame, name, board) if not tab.empty else ""
         md = f"{md}\n\n{note}" if note else md
         for fname, text in (
             ("leaderboard.md", md + "\n"),
