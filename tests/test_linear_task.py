@@ -116,3 +116,24 @@ def test_group_methods_get_the_tasks_groups_and_the_chosen_update(tmp_path, monk
         assert all(k["n_groups"] == 4 and k["update"] == update for k in seen[-3:])
         torch.testing.assert_close(torch.as_tensor(seen[-1]["shares"]), counts)
     assert finals["bench"] != finals["official"]
+
+
+def test_the_worst_case_is_selected_on_validation_prompts_and_scored_on_test_prompts():
+    """worst_case_selected: the test mixture worst on the validation prompts, its test-prompt mean
+    (not the min over test means); recomputed here with plain matrix products."""
+    from tasks.mixtures import pair_protocol
+
+    protocol = pair_protocol(["a", "b", "c"], (0, 1), 0.5)
+    gen = torch.Generator().manual_seed(3)
+    test = torch.rand(40, 3, generator=gen, dtype=torch.float64)
+    val = torch.rand(30, 3, generator=gen, dtype=torch.float64)
+    val[:, 2] -= 0.5  # objective c is worst on the validation prompts only
+    test[:, 0] -= 0.5  # a is worst on the test prompts
+    w = torch.tensor([m.weights for m in protocol.test], dtype=torch.float64)  # [M, K]
+    pick = int((val @ w.T).mean(0).argmin())
+    scores = mixture_scores(test, val, protocol, bootstrap=0)
+    assert scores["selected_mixture"] == protocol.test[pick].name and "c" in protocol.test[pick].name
+    assert scores["worst_case_selected"] == pytest.approx(float((test @ w[pick]).mean()), abs=1e-12)
+    assert scores["worst_case"] == pytest.approx(float((test @ w.T).mean(0).min()), abs=1e-12)
+    assert scores["worst_case"] < scores["worst_case_selected"]
+    assert len(scores["per_prompt"]["test"]) == 40 and len(scores["per_prompt"]["val"][0]) == 3
