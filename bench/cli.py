@@ -205,62 +205,96 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from bench.harness.launch import launch
     from bench.harness.leaderboard import format_leaderboard, leaderboard, load_records, records_frame
-    from bench.harness.sweep import resolve_path
-    from bench.harness.tune import TuneSpec, load_space, run_tuning, storage_url, trial_cell
-    from bench.loops.config import build_config, config_hash
+    from bench.harness.sweep import method_names, resolve_path
+    from bench.harness.tune import (
+        TuneSpec,
+        at_edge,
+        load_space,
+        run_studies,
+        storage_url,
+        strength_space,
+        trial_cell,
+        tuning_tags,
+    )
+    from bench.loops.config import build_config, config_hash, to_dict
 
-    method = methods.get(args.method)
-    if method.knob is None:
-        raise ConfigError(
-            f"{args.method} has no radius knob to tune; robust methods: "
-            + ", ".join(n for n in methods.names() if methods.get(n).knob)
-        )
+    requested = ["all"] if args.methods == "all" else split_list(args.methods)
+    names = method_names(args.task, requested, "--methods")
     run_overrides = [o for o in args.overrides if not o.startswith("slurm.")]
-    base = build_config(args.task, args.method, run_overrides, args.tune_seed)  # fails fast on bad input
     space = load_space(resolve_path(args.space)) if args.space else ()
-    study = args.study or f"{args.task}-{args.method}-{config_hash(base)}"
     results = Path(args.results).resolve()
-    spec = TuneSpec(
-        args.task,
-        args.method,
-        study,
-        storage_url(args.storage, results, study),
-        str(results),
-        tuple(run_overrides),
-        space,
-        args.pruner,
-        args.tune_seed,
-    )
+    specs = []
+    for name in names:
+        method = methods.get(name)
+        base = build_config(args.task, name, run_overrides, args.tune_seed)  # fails fast on bad input
+        strength = strength_space(name, to_dict(base)["method"]) if args.strength else ()
+        own = (*(s for s in strength if s[0] not in dict(space)), *space)  # --space wins
+        if method.knob is None and not own:
+            raise ConfigError(
+                f"{name} has no radius knob; tune its strength with --strength, or pick a robust method: "
+                + ", ".join(n for n in methods.names() if methods.get(n).knob)
+            )
+        study = f"{args.task}-{name}-{config_hash(base)}" + ("-strength" if args.strength else "")
+        if args.study:
+            study = args.study if len(names) == 1 else f"{args.study}-{name}"
+        url = storage_url(args.storage, results, study)
+        specs.append(
+            TuneSpec(
+                args.task,
+                name,
+                study,
+                url,
+                str(results),
+                tuple(run_overrides),
+                own,
+                args.pruner,
+                args.tune_seed,
+            )
+        )
     slurm = _slurm_config([o[len("slurm.") :] for o in args.overrides if o.startswith("slurm.")])
-    result = run_tuning(spec, args.trials, args.workers, args.cluster, slurm=slurm)
-    knob = method.knob.name
-    print(
-        f"study {study} ({spec.storage}): {len(result.table)} trials"
-        + (f", {result.recovered} interrupted trials re-queued" if result.recovered else "")
-        + f", {result.ran} run now"
-    )
-    shown = result.table.rename(columns={"radius": knob})
-    print(tabulate(shown, headers="keys", showindex=False, floatfmt=".4g"))
-    best = ", ".join(
-        f"{knob if k == 'radius' else k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in result.best_params.items()
-    )
-    print(f"\nbest: {best}  (validation worst case {result.best_value:.4f})")
-    print(f"trials.csv, history.png and objective_vs_radius.png are in {spec.folder}")
+    found = run_studies(specs, args.trials, args.workers, args.cluster, slurm=slurm)
+    tested = []
+    for result in found:
+        spec, knob = result.spec, methods.get(result.spec.method).knob
+        print(
+            f"study {spec.study} ({spec.storage}): {len(result.table)} trials"
+            + (f", {result.recovered} interrupted trials re-queued" if result.recovered else "")
+            + f", {result.ran} run now"
+        )
+        if len(found) == 1:
+            shown = result.table.rename(columns={"radius": knob.name} if knob else {}).dropna(
+                axis=1, how="all"
+            )
+            print(tabulate(shown, headers="keys", showindex=False, floatfmt=".4g"))
+        if result.best_params is None:
+            print(f"  no trial completed; see {spec.folder / 'trials.csv'}")
+            continue
+        best = ", ".join(
+            f"{knob.name if k == 'radius' else k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in result.best_params.items()
+        )
+        print(f"  best {spec.method}: {best}  (validation worst case {result.best_value:.4f})")
+        edge = at_edge(spec, result.best_params)
+        if edge:
+            print(f"  {', '.join(edge)} at the edge of the searched range: widen it with --space")
+        tested.append(result)
+    print(f"trials.csv, history.png and objective_vs_*.png are in {results / 'tune'}/<study>/")
     if not args.then_test:
-        return 0
-    tag = f"tuned:{study}"
-    cells = [trial_cell(spec, result.best_params, seed, (tag,)) for seed in args.seeds or [0]]
-    report = launch(
-        cells, results, name=f"tuned-{study}", cluster=args.cluster, slurm=slurm, progress=not args.quiet
-    )
+        return 0 if len(tested) == len(found) else 1
+    cells = [
+        trial_cell(r.spec, r.best_params, seed, tuning_tags(r, args.trials))
+        for r in tested
+        for seed in args.seeds or [0]
+    ]
+    name = f"tuned-{specs[0].study}" if len(specs) == 1 else f"tuned-{args.task}-{args.study or 'methods'}"
+    report = launch(cells, results, name=name, cluster=args.cluster, slurm=slurm, progress=not args.quiet)
     if args.cluster == "slurm":
-        print(f"submitted {len(report.submitted)} test cells; bench status --sweep tuned-{study}")
+        print(f"submitted {len(report.submitted)} test cells; bench status --sweep {name}")
         return 0
     wanted = {config_hash(c.config()) for c in cells}
     frame = records_frame(load_records(results, args.task))
     print(format_leaderboard(leaderboard(frame[frame.config_hash.isin(wanted)])))
-    return 0
+    return 0 if len(tested) == len(found) else 1
 
 
 def _slurm_config(overrides: list[str], base=None):
@@ -463,7 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "tune", help="Optuna search of a method's radius on validation mixtures", epilog=EPILOG
     )
-    p.add_argument("--method", required=True)
+    p.add_argument(
+        "--methods",
+        "--method",
+        dest="methods",
+        required=True,
+        help="a method, a comma list or 'all' (one study each, the same budget)",
+    )
+    p.add_argument(
+        "--strength",
+        action="store_true",
+        help="also tune the loss's beta or eta (a decade either side of its configured value)",
+    )
     p.add_argument("--task", default="lexicon")
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--workers", type=int, default=1, help="parallel workers on one study")
@@ -471,7 +516,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage", default="sqlite", help="sqlite (default), journal, journal:PATH or an RDB URL"
     )
-    p.add_argument("--study", default=None, help="study name (default: task-method-confighash)")
+    p.add_argument(
+        "--study",
+        default=None,
+        help="study name (default: task-method-confighash); with several methods, a prefix",
+    )
     p.add_argument("--space", default=None, help="search-space file for further hyperparameters")
     p.add_argument("--pruner", default="median", choices=["median", "none"])
     p.add_argument("--tune-seed", type=int, default=0, help="training seed of every trial")

@@ -73,6 +73,11 @@ class Method:
         return self.aggregator.knob
 
     @property
+    def strength(self) -> str | None:
+        """The ``method.*`` key of the loss's regularization strength (``STRENGTHS``), or None."""
+        return STRENGTHS.get(self.loss)
+
+    @property
     def logps_at_sampling_temperature(self) -> bool:
         """Whether this loss family's official code takes log-probs of logits divided by the sampling
         temperature (``SAMPLING_TEMPERATURE_LOSSES``)."""
@@ -89,6 +94,11 @@ class Method:
 # script, which scales logits by the rollout temperature). TRL's DPOTrainer, Xu et al.'s WDPO/KLDPO,
 # Dr. DPO and GR-DPO take log-probs at temperature 1, and so do IPO and the reward models here.
 SAMPLING_TEMPERATURE_LOSSES = frozenset({"rebel"})
+
+# Each loss family's regularization strength toward the reference: REBEL's step size eta (the
+# regression target is (1/eta) times the log-ratio gap), DPO's and IPO's beta. Equal tuning
+# searches it beside the radius; the Bradley-Terry reward model has none.
+STRENGTHS = {"rebel": "eta", "dpo": "beta", "ipo": "beta"}
 
 LOSSES: Registry[Callable] = Registry("loss")
 AGGREGATORS: Registry[Aggregator] = Registry("aggregator")

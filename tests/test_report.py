@@ -6,19 +6,32 @@ from pathlib import Path
 import pytest
 
 from bench.cli import main
+from bench.harness.leaderboard import leaderboard, load_records, records_frame
 from bench.harness.records import write_json_atomic
 from bench.harness.report import README_END, README_START, refresh_readme, write_reports
 
 BASE_CONFIG = {"task": {"d": 8, "n": 512}, "train": {"iterations": 10}}
+STRENGTH = {"rebel": {"eta": 1.0}, "chi2-rebel": {"eta": 1.0}, "kldpo": {"beta": 0.1}, "dpo": {"beta": 0.1}}
 
 
-def record(root: Path, method: str, seed: int, worst: float, *, radius=None, status="completed", curve=True):
+def record(
+    root: Path,
+    method: str,
+    seed: int,
+    worst: float,
+    *,
+    radius=None,
+    status="completed",
+    curve=True,
+    tags=(),
+    chash=None,
+):
     config = {
         **BASE_CONFIG,
-        "method": {"name": method, **({radius[0]: radius[1]} if radius else {})},
+        "method": {"name": method, **STRENGTH[method], **({radius[0]: radius[1]} if radius else {})},
         "seed": seed,
     }
-    chash = f"{method}-{radius[1] if radius else 0}"
+    chash = chash or f"{method}-{radius[1] if radius else 0}"
     rec = {
         "task": "linear",
         "method": method,
@@ -27,7 +40,7 @@ def record(root: Path, method: str, seed: int, worst: float, *, radius=None, sta
         "config": config,
         "config_hash": chash,
         "radius": {"name": radius[0], "value": radius[1]} if radius else None,
-        "tags": [],
+        "tags": list(tags),
     }
     if status == "completed":
         rec["metrics"] = {
@@ -80,15 +93,15 @@ def test_golden_leaderboard_numbers(results):
     # stability: both halves of the seeds rank chi2-rebel first (tau 1); delta / sd = 21, so 2 seeds
     expected = "\n".join(
         [
-            "| rank | method | radius | size | scale | seeds | worst-case | ± 95% CI | mean test | train mix "
-            "| KL(ref) | worst @ common KL | Δ vs base [95% CI] | p (Holm) |",
-            "|:---|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|:---|",
-            "| 1 | chi2-rebel | rho=0.1 | 8 | 512 | 3 | **-0.2050** | ± 0.0124 | **-0.1050** | **-0.0050** | "
-            "**0.0205** | **-0.2067** | +0.1050 [+0.0926, +0.1174] ▲ | 0.000755 |",
-            "| 2 | rebel | - | 8 | 512 | 3 | -0.3100 | ± 0.0248 | -0.2100 | -0.1100 | 0.0310 | -0.4150 "
-            "| - |  |",
-            "| 3 | kldpo | tau=0.1 | 8 | 512 | 1 | -0.5000 |  | -0.4000 | -0.3000 | 0.0500 | -0.7950 "
-            "| - |  |",
+            "| rank | method | radius | strength | size | scale | seeds | worst-case | ± 95% CI | mean test "
+            "| train mix | KL(ref) | worst @ common KL | Δ vs base [95% CI] | p (Holm) |",
+            "|:---|:---|:---|:---|:---|:---|---:|---:|---:|---:|---:|---:|---:|:---|:---|",
+            "| 1 | chi2-rebel | rho=0.1 | eta=1 | 8 | 512 | 3 | **-0.2050** | ± 0.0124 | **-0.1050** "
+            "| **-0.0050** | **0.0205** | **-0.2067** | +0.1050 [+0.0926, +0.1174] ▲ | 0.000755 |",
+            "| 2 | rebel | - | eta=1 | 8 | 512 | 3 | -0.3100 | ± 0.0248 | -0.2100 | -0.1100 | 0.0310 "
+            "| -0.4150 | - |  |",
+            "| 3 | kldpo | tau=0.1 | beta=0.1 | 8 | 512 | 1 | -0.5000 |  | -0.4000 | -0.3000 | 0.0500 "
+            "| -0.7950 | - |  |",
             "",
             "worst @ common KL: each config's worst case at KL(ref) = 0.0205 (the smallest final KL of "
             "any config), interpolated between its evaluations; split-half rank agreement (Kendall's "
@@ -108,12 +121,32 @@ def test_golden_leaderboard_numbers(results):
     assert csv[0].startswith("rank,method,radius") and csv[1].split(",")[1] == "chi2-rebel"
     failed = (folder / "failures.md").read_text()
     assert "dpo" in failed and "losses contain NaN" in failed
+    # every pair of the configs run on seeds 0-2 (kldpo has one seed): the comparison above, both ways
+    pairs = (folder / "pairwise.csv").read_text().splitlines()
+    assert pairs[0] == "method,versus,estimate,p_holm" and len(pairs) == 3
+    assert pairs[1].startswith("chi2-rebel,rebel,0.105") and pairs[2].startswith("rebel,chi2-rebel,-0.105")
+    assert float(pairs[1].split(",")[3]) == pytest.approx(0.000755, abs=5e-7)
+
+
+def test_a_tuned_method_is_compared_with_its_base_tuned_on_the_same_budget(tmp_path):
+    tuned = ("tuned:s", "tuning-budget:8", "tuned-keys:tau,beta")
+    base_tuned = ("tuned:b", "tuning-budget:8", "tuned-keys:beta")
+    for seed, (k, d, u) in enumerate([(-0.30, -0.40, -0.10), (-0.32, -0.41, -0.12), (-0.31, -0.39, -0.11)]):
+        record(tmp_path, "kldpo", seed, k, radius=("tau", 1.0), tags=tuned)
+        record(tmp_path, "dpo", seed, d, tags=base_tuned, chash="dpo-tuned")
+        record(tmp_path, "dpo", seed, u)
+    board = leaderboard(records_frame(load_records(tmp_path)))
+    row = board[board.method == "kldpo"].iloc[0]
+    # paired with the tuned dpo: differences +0.10, +0.09, +0.08 (the untuned dpo would give -0.2)
+    assert row.vs_base == pytest.approx(0.09) and row.tuned == "8 trials: tau, beta"
+    assert sorted(board[board.method == "dpo"].tuned) == ["-", "8 trials: beta"]
 
 
 def test_figures_are_written(results):
     (report,) = write_reports(results, results / "out")
     names = {p.name for p in report.files}
     assert {"preference_shift.png", "preference_shift.pdf", "learning_curves.png", "kl_frontier.png"} <= names
+    assert "pairwise.png" in names
     for path in report.files:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

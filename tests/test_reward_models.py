@@ -82,7 +82,7 @@ def test_special_tokens_wrap_the_truncated_ids(tok):
 
 
 def test_reward_model_accuracies_by_hand(tmp_path):
-    from bench.loops.reward_model import accuracy
+    from bench.loops.reward_model import correct
     from tasks.reward_model import load_reward_model, rm_scores
 
     model, tok = load_reward_model(str(ensure_preset("tiny", 60)))
@@ -105,8 +105,8 @@ def test_reward_model_accuracies_by_hand(tmp_path):
         # left padding: a text's score does not depend on its batch mates
         alone = torch.stack([rm_scores(model, tok, [t])[0][0] for t in pairs.first])
     torch.testing.assert_close(a, alone, rtol=1e-5, atol=1e-5)
-    expected = sum(int((x > y) == (lab >= 0.5)) for x, y, lab in zip(a, b, pairs.label, strict=True)) / 3
-    assert accuracy(model, tok, pairs) == pytest.approx(expected)
+    expected = [int((x > y) == (lab >= 0.5)) for x, y, lab in zip(a, b, pairs.label, strict=True)]
+    assert correct(model, tok, pairs) == expected
 
 
 def test_bt_family_trains_and_prints_an_id_ood_leaderboard(tmp_path, capsys):
@@ -135,6 +135,20 @@ def test_bt_family_trains_and_prints_an_id_ood_leaderboard(tmp_path, capsys):
     assert rec["metrics"]["worst_case"] == min(v for k, v in acc.items() if k != "id")
     assert rec["metrics"]["train_reward"] == acc["id"]
     assert all(0 <= v <= 1 for v in acc.values())
+    # per-pair 0/1 of every test set (their means are the accuracies), the OOD set worst on validation
+    # evaluated on test, and the same pairs for another method of the config: paired comparisons
+    m = rec["metrics"]
+    assert {k: sum(v) / len(v) for k, v in m["per_pair"].items()} == pytest.approx(acc)
+    val_ood = {k: v for k, v in m["val_accuracy"].items() if k != "id"}
+    assert m["selected_set"] == min(val_ood, key=val_ood.get)
+    assert m["worst_case_selected"] == acc[m["selected_set"]]
+    plain = read_json(
+        record_path(Cell("lexicon-prefs", "bt", 0, (*PREFS, "train.save_model=true")), tmp_path)
+    )
+    assert {k: len(v) for k, v in plain["metrics"]["per_pair"].items()} == {
+        k: len(v) for k, v in m["per_pair"].items()
+    }
+    assert "worst OOD acc, val-selected" in out
 
 
 def test_robust_rm_and_plain_rm_feed_rebel_cells_of_one_sweep(tmp_path):

@@ -1,7 +1,9 @@
 """bench tune: finds a better radius when one exists, parallel workers, resume, --then-test."""
 
+import dataclasses
 import json
 import multiprocessing
+import re
 import subprocess
 import sys
 import time
@@ -15,12 +17,14 @@ from bench.cli import main
 from bench.harness.runner import Cell, record_path, run_cell
 from bench.harness.tune import (
     TuneSpec,
+    at_edge,
     load_space,
     make_study,
     open_storage,
     run_tuning,
     split_budget,
     storage_url,
+    strength_space,
 )
 from bench.loops.config import ConfigError
 
@@ -160,10 +164,47 @@ def test_then_test_writes_tuned_records_that_enter_the_leaderboard(tmp_path, cap
     ]
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert "best: tau=" in out and "kldpo" in out.split("best:")[1]
+    assert "best kldpo: tau=" in out and "| kldpo " in out.split("best kldpo:")[1]
     recs = [json.loads(p.read_text()) for p in (tmp_path / "linear" / "kldpo").rglob("record.json")]
     assert len(recs) == 2 and {r["seed"] for r in recs} == {0, 1}
     assert all(r["status"] == "completed" and r["tags"][0].startswith("tuned:") for r in recs)
+
+
+def test_strength_tuning_finds_a_better_beta_for_dpo(tmp_path):
+    # Measured on this task (seed 0): DPO's default beta = 1 ends at validation worst case -0.33,
+    # beta = 0.1 at -0.16. A method without a radius tunes its strength alone, within a decade of 1.
+    default = Cell("linear", "dpo", 0, FAST)
+    run_cell(default, tmp_path / "default")
+    untuned = json.loads(record_path(default, tmp_path / "default").read_text())["metrics"]["val_worst_case"]
+    spec = spec_for(tmp_path, method="dpo", pruner="none")
+    spec = dataclasses.replace(spec, space=strength_space("dpo", {"beta": 1.0}))
+    result = run_tuning(spec, trials=10)
+    betas = [t.params["method.beta"] for t in result.study.get_trials()]
+    assert all(0.1 <= b <= 10.0 for b in betas) and "radius" not in result.best_params
+    assert result.best_params["method.beta"] < 1.0 and result.best_value > untuned + 0.05
+    assert (tmp_path / "tune" / "s" / "objective_vs_radius.png").exists()
+
+
+def test_equal_tuning_gives_every_method_the_same_budget_and_says_so(tmp_path, capsys):
+    args = ["tune", "--methods", "dpo,kldpo", "--strength", "--task", "linear", "--trials", "3"]
+    args += ["--cluster", "debug", "--pruner", "none", "--results", str(tmp_path), "--then-test"]
+    assert main([*args, "--seeds", "1,2", "--quiet", *FAST]) == 0
+    out = capsys.readouterr().out
+    studies = sorted((tmp_path / "tune").glob("*.db"))
+    assert [p.stem.split("-")[1] for p in studies] == ["dpo", "kldpo"]
+    for path in studies:
+        study = optuna.load_study(study_name=path.stem, storage=open_storage(f"sqlite:///{path}"))
+        trials = study.get_trials()
+        assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+        assert all(0.1 <= t.params["method.beta"] <= 10.0 for t in trials)
+        assert ("radius" in trials[0].params) == (path.stem.split("-")[1] == "kldpo")
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "linear").rglob("record.json")]
+    assert len(recs) == 4 and all("tuning-budget:3" in r["tags"] for r in recs)
+    board = {line.split("|")[3].strip(): line for line in out.splitlines() if "| linear |" in line}
+    assert "3 trials: beta" in board["dpo"] and "3 trials: tau, beta" in board["kldpo"]
+    paired = re.search(r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\]", board["kldpo"])
+    assert paired, "kldpo is compared with the tuned dpo"
+    assert len(board) == 2, "the tuning trials on the tune seed stay out of the leaderboard"
 
 
 def test_bad_input_is_named(tmp_path):
@@ -173,5 +214,10 @@ def test_bad_input_is_named(tmp_path):
         load_space(space)
     assert main(["tune", "--method", "rebel", "--task", "linear", "--results", str(tmp_path)]) == 2
     assert split_budget(5, 2) == [3, 2] and split_budget(1, 3) == [1]
+    spec = dataclasses.replace(spec_for(tmp_path), space=strength_space("kldpo", {"beta": 1.0}))
+    # tau's range is [1e-3, 100] on a log scale, beta's [0.1, 10]: 2% of the log range is the edge
+    assert at_edge(spec, {"radius": 95.0, "method.beta": 1.0}) == ["tau"]
+    assert at_edge(spec, {"radius": 1.0, "method.beta": 0.1}) == ["method.beta"]
+    assert at_edge(spec, {"radius": 50.0, "method.beta": 0.12}) == []
     study = make_study(spec_for(tmp_path, study="empty"))
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE

@@ -6,6 +6,8 @@
   for whichever axes the records span, one line per method (and per context when several);
 * ``learning_curves``: worst-case test reward against the iteration;
 * ``kl_frontier``: worst case against KL to the reference at every evaluation (equal regularization);
+* ``pairwise``: every pair's paired difference (row minus column) as a heatmap in rank order, with
+  ``*`` where the Holm-adjusted p-value is below 0.05;
 * ``radius_coverage``: the coverage study's mean parameter error against n, log-log, with the
   fitted slopes in the legend.
 """
@@ -20,6 +22,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
+
+from bench.harness.leaderboard import config_labels
 
 sns.set_theme(style="whitegrid", context="paper")
 
@@ -37,21 +41,8 @@ def _save(fig, folder: Path, name: str) -> list[Path]:
     return paths
 
 
-def _labels(frame: pd.DataFrame) -> pd.Series:
-    """``method`` when a method has one config in view, else ``method (radius, size, scale)``."""
-    configs = frame.groupby("method").config_hash.nunique()
-    out = []
-    for row in frame.itertuples():
-        if configs.get(row.method, 1) == 1:
-            out.append(row.method)
-        else:
-            parts = [p for p in (row.radius, f"size {row.size}", f"n {row.scale}") if not p.endswith("-")]
-            out.append(f"{row.method} ({', '.join(parts)})")
-    return pd.Series(out, index=frame.index)
-
-
 def preference_shift(records: list[dict], frame: pd.DataFrame, folder: Path) -> list[Path]:
-    labels = dict(zip(frame.path, _labels(frame), strict=True))
+    labels = dict(zip(frame.path, config_labels(frame), strict=True))
     rows, pair = [], None
     for rec in records:
         metrics = rec.get("metrics") or {}
@@ -120,7 +111,7 @@ def versus(frame: pd.DataFrame, folder: Path, axis: str) -> list[Path]:
 
 
 def learning_curves(records: list[dict], frame: pd.DataFrame, folder: Path) -> list[Path]:
-    labels = dict(zip(frame.path, _labels(frame), strict=True))
+    labels = dict(zip(frame.path, config_labels(frame), strict=True))
     rows = [
         {
             "config": labels[rec["path"]],
@@ -146,7 +137,7 @@ def learning_curves(records: list[dict], frame: pd.DataFrame, folder: Path) -> l
 def frontier(frame: pd.DataFrame, folder: Path) -> list[Path]:
     """Worst case against KL to the reference, one point per evaluation of every record, one line
     per method (through its radii and evaluations): robustness at equal regularization."""
-    labels = _labels(frame)
+    labels = config_labels(frame)
     rows = [
         {"config": labels[i], "method": row.method, "kl_ref": kl, "worst_case": worst}
         for i, row in frame.iterrows()
@@ -160,6 +151,23 @@ def frontier(frame: pd.DataFrame, folder: Path) -> list[Path]:
     ax.set(xlabel="KL(policy || reference) per token", ylabel="worst-case test reward", title="KL frontier")
     _legend_outside(ax)
     return _save(fig, folder, "kl_frontier")
+
+
+def pairwise_heatmap(pairs: pd.DataFrame, folder: Path) -> list[Path]:
+    """``pairs`` (long form: method, versus, estimate, p_holm; ``report.pairwise``) as a heatmap."""
+    if pairs.empty:
+        return []
+    order = list(dict.fromkeys(pairs.method))
+    estimate = pairs.pivot(index="method", columns="versus", values="estimate").reindex(order, columns=order)
+    p_holm = pairs.pivot(index="method", columns="versus", values="p_holm").reindex(order, columns=order)
+    text = estimate.map(lambda v: "" if pd.isna(v) else f"{v:+.3f}") + p_holm.map(
+        lambda p: "*" if p < 0.05 else ""
+    )
+    size = 1.2 + 0.55 * len(order)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    sns.heatmap(estimate, annot=text, fmt="", cmap="RdBu", center=0, annot_kws={"fontsize": 6}, ax=ax)
+    ax.set(xlabel="versus", ylabel="method", title="paired difference, row - column (* Holm p < 0.05)")
+    return _save(fig, folder, "pairwise")
 
 
 def task_figures(records: list[dict], frame: pd.DataFrame, folder: Path) -> list[Path]:

@@ -37,8 +37,14 @@ ALPHA = 0.05
 
 
 def load_records(root: Path, task: str | None = None, sweep: str | None = None) -> list[dict]:
-    """Records under ``root``, optionally of one task and/or of one launched sweep's cells."""
-    records = [r for r in iter_records(root) if not task or r.get("task") == task]
+    """Records under ``root``, optionally of one task and/or of one launched sweep's cells; tuning
+    trials (under ``tune/``, trained on the tuning seed to pick parameters) are never among them."""
+    trials = Path(root).resolve() / "tune"
+    records = [
+        r
+        for r in iter_records(root)
+        if (not task or r.get("task") == task) and trials not in Path(r["path"]).resolve().parents
+    ]
     if sweep:
         cells_file = Path(root) / ".sweeps" / sweep / "cells.json"
         if not cells_file.exists():
@@ -59,7 +65,6 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     rows = []
     for rec in records:
         radius = rec.get("radius") or {}
-        tuned = any(t.startswith("tuned:") for t in rec.get("tags", []))
         row = {
             "task": rec.get("task"),
             "method": rec.get("method"),
@@ -69,8 +74,10 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
             "status": rec.get("status"),
             "radius_name": radius.get("name"),
             "radius_value": radius.get("value", math.nan),
-            "radius": (f"{radius['name']}={radius['value']:.4g}" if radius else "-")
-            + (" (tuned)" if tuned else ""),
+            "radius": f"{radius['name']}={radius['value']:.4g}" if radius else "-",
+            "strength": strength_text(rec),
+            "tuned": tuning_text(rec.get("tags", [])),
+            "tuning_budget": tuning_budget(rec.get("tags", [])),
             "size": _config_value(rec, "size_key"),
             "scale": _config_value(rec, "scale_key"),
             "error": (rec.get("error") or {}).get("message"),
@@ -93,6 +100,9 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
         "radius_name",
         "radius_value",
         "radius",
+        "strength",
+        "tuned",
+        "tuning_budget",
         "size",
         "scale",
         *METRICS,
@@ -105,9 +115,37 @@ def records_frame(records: list[dict]) -> pd.DataFrame:
     return frame.reindex(columns=[*columns, *sorted(c for c in frame.columns if c.startswith("cap:"))])
 
 
+def strength_text(rec: dict) -> str:
+    """``beta=0.1`` or ``eta=0.01``: the record's regularization strength toward the reference."""
+    name = methods.get(rec["method"]).strength if rec.get("method") in methods.METHODS else None
+    value = (rec.get("config", {}).get("method") or {}).get(name) if name else None
+    return f"{name}={value:.4g}" if isinstance(value, int | float) else "-"
+
+
+def tuning_budget(tags: list[str]) -> int:
+    """The trial budget a tuned record's parameters were chosen with (0: not tuned, or unknown)."""
+    found = dict(t.split(":", 1) for t in tags if ":" in t)
+    return int(found.get("tuning-budget", 0))
+
+
+def tuning_text(tags: list[str]) -> str:
+    """``8 trials: tau, beta`` for a cell run at a study's best parameters (``bench tune
+    --then-test``); ``yes`` for one tagged before budgets were recorded; ``-`` when not tuned."""
+    found = dict(t.split(":", 1) for t in tags if ":" in t)
+    if "tuned" not in found:
+        return "-"
+    if "tuning-budget" not in found:
+        return "yes"
+    keys = found.get("tuned-keys", "").replace(",", ", ")
+    return f"{found['tuning-budget']} trials" + (f": {keys}" if keys else "")
+
+
 def selected_prompt_values(metrics: dict) -> list[float] | None:
-    """Each test prompt's reward at the record's validation-selected worst mixture (None for a
-    record from before per-prompt scores)."""
+    """Each test prompt's reward at the record's validation-selected worst mixture, or for a reward
+    model each test pair's 0/1 on its validation-selected worst OOD set (None for a record from
+    before per-prompt scores)."""
+    if metrics.get("per_pair") and metrics.get("selected_set") in metrics["per_pair"]:
+        return [float(v) for v in metrics["per_pair"][metrics["selected_set"]]]
     per_prompt, name = metrics.get("per_prompt"), metrics.get("selected_mixture")
     if not per_prompt or name not in (metrics.get("mixtures") or {}):
         return None
@@ -135,6 +173,19 @@ def kl_matched(points: list[tuple[float, float]], budget: float) -> float:
         return math.nan
     kl, worst = zip(*sorted(points), strict=True)
     return float(np.interp(budget, kl, worst))
+
+
+def config_labels(frame: pd.DataFrame) -> pd.Series:
+    """``method`` when a method has one config in view, else ``method (radius, size, scale)``."""
+    configs = frame.groupby("method").config_hash.nunique()
+    out = []
+    for row in frame.itertuples():
+        if configs.get(row.method, 1) == 1:
+            out.append(row.method)
+        else:
+            parts = [p for p in (row.radius, f"size {row.size}", f"n {row.scale}") if not p.endswith("-")]
+            out.append(f"{row.method} ({', '.join(parts)})")
+    return pd.Series(out, index=frame.index)
 
 
 def has_prompt_values(done: pd.DataFrame) -> bool:
@@ -187,7 +238,9 @@ def leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
     done = done.assign(
         kl_matched=[kl_matched(p, b) for p, b in zip(done.frontier, done.kl_budget, strict=True)]
     )
-    keys = ["task", "method", "config_hash", "context_hash", "radius", "radius_value", "size", "scale"]
+    keys = ["task", "method", "config_hash", "context_hash", "radius", "radius_value", "strength", "tuned"]
+    keys += ["tuning_budget"]
+    keys += ["size", "scale"]
     caps = [c for c in done.columns if c.startswith("cap:")]
     grouped = done.groupby(keys, dropna=False)
     agg = grouped.agg(
@@ -225,8 +278,9 @@ def _ranked(board: pd.DataFrame, done: pd.DataFrame) -> pd.DataFrame:
 def paired_with_base(board: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """Per row: the paired difference from its non-robust base (same task and training context)
     over shared seeds and prompts, its 95% interval, the Holm-corrected p-value over the task's
-    comparisons and a mark (▲ better, ▼ worse, at 5%). Rows without a base, or sharing fewer than
-    two seeds with it, get NaN and no mark."""
+    comparisons and a mark (▲ better, ▼ worse, at 5%). A tuned row is compared with a base tuned on
+    the same budget where there is one. Rows without a base, or sharing fewer than two seeds with
+    it, get NaN and no mark."""
     found = {}
     for i, row in board.iterrows():
         method = methods.get(row.method) if row.method in methods.METHODS else None
@@ -235,6 +289,8 @@ def paired_with_base(board: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
         ]
         if method is None or method.knob is None or base.empty:
             continue
+        if (base.tuning_budget == row.tuning_budget).any():
+            base = base[base.tuning_budget == row.tuning_budget]
         pair = scores[scores.method.isin([row.config_hash, base.config_hash.iloc[0]])]
         shared = pair.groupby("seed").method.nunique()
         if (shared == 2).sum() < 2:
@@ -282,7 +338,9 @@ def format_leaderboard(board: pd.DataFrame) -> str:
         vs=[vs_base_text(r) for r in board.itertuples()],
         p=[("" if pd.isna(v) else f"{v:.3g}") for v in board.p_holm],
     )
-    columns = ["rank", "task", "method", "config_hash", "radius", "size", "scale", "ranked"]
+    columns = ["rank", "task", "method", "config_hash", "radius"]
+    columns += [c for c in ("strength", "tuned") if board[c].ne("-").any()]
+    columns += ["size", "scale", "ranked"]
     columns += ["worst_case"] if selected else []
     columns += ["vs", "p", "seeds", "mean_over_test", "train_reward", "kl_ref", "kl_matched"]
     shown = shown[columns]
@@ -299,7 +357,8 @@ def format_leaderboard(board: pd.DataFrame) -> str:
     }
     if all(_is_reward_model_task(t) for t in board.task):  # accuracies, not rewards
         names |= {
-            "ranked": "worst OOD acc (± 95% CI)",
+            "ranked": f"worst OOD acc{', val-selected' if selected else ''} (± 95% CI)",
+            "worst_case": "min OOD acc",
             "mean_over_test": "mean OOD acc",
             "train_reward": "ID acc",
         }

@@ -21,6 +21,7 @@ import pandas as pd
 
 from bench.harness import stats
 from bench.harness.leaderboard import (
+    config_labels,
     failures,
     leaderboard,
     load_records,
@@ -55,9 +56,32 @@ def table(board: pd.DataFrame) -> pd.DataFrame:
     board["p_holm"] = ["" if pd.isna(v) else f"{v:.3g}" for v in board.p_holm]
     caps = [c for c in board.columns if c.startswith("cap:") and board[c].notna().any()]
     minimum = ["worst_case"] if ranked != "worst_case" else []
-    cols = ["rank", "method", "radius", "size", "scale", "seeds", "ranked", "ranked_ci", *minimum]
+    shown = [c for c in ("strength", "tuned") if board[c].ne("-").any()]
+    cols = ["rank", "method", "radius", *shown, "size", "scale", "seeds", "ranked", "ranked_ci"]
+    cols += minimum
     rest = ["mean_over_test", "train_reward", "kl_ref", "kl_matched", "vs_base", "p_holm"]
     return board[[*cols, *rest, *caps]]
+
+
+def pairwise(frame: pd.DataFrame, task: str, board: pd.DataFrame) -> pd.DataFrame:
+    """Every pair of the task's configs in rank order, by ``stats.pairwise_matrix`` (row minus
+    column, paired over seeds and prompts, Holm over all pairs), in long form: method, versus,
+    estimate, p_holm. Only configs run on the most common set of seeds (at least two) take part,
+    so that every pair shares its seeds. Empty when fewer than two configs do."""
+    done = frame[(frame.task == task) & (frame.status == "completed")]
+    seed_sets = done.groupby("config_hash").seed.agg(lambda s: tuple(sorted(set(s))))
+    common = seed_sets[seed_sets.map(len) >= 2].value_counts()
+    if common.empty:
+        return pd.DataFrame(columns=["method", "versus", "estimate", "p_holm"])
+    order = [h for h in board.config_hash if seed_sets.get(h) == common.index[0]]
+    if len(order) < 2:
+        return pd.DataFrame(columns=["method", "versus", "estimate", "p_holm"])
+    matrix = stats.pairwise_matrix(prompt_scores(done[done.config_hash.isin(order)]), order)
+    names = dict(zip(board.config_hash, config_labels(board), strict=True))
+    long = matrix.estimate.stack().rename("estimate").to_frame().join(matrix.p_holm.stack().rename("p_holm"))
+    long = long.reset_index()
+    long = long[long.method != long.versus]
+    return long.assign(method=long.method.map(names), versus=long.versus.map(names)).reset_index(drop=True)
 
 
 def stability(frame: pd.DataFrame, task: str, board: pd.DataFrame, top: int = 3) -> str:
@@ -178,7 +202,7 @@ def write_reports(
     root: Path, out: Path, task: str | None = None, sweep: str | None = None, figures: bool = True
 ) -> list[TaskReport]:
     """Every task's tables (and figures) under ``out/<task>/``."""
-    from bench.harness.figures import coverage_figure, task_figures
+    from bench.harness.figures import coverage_figure, pairwise_heatmap, task_figures
 
     records = load_records(root, task, sweep)
     frame = records_frame(records)
@@ -208,10 +232,15 @@ def write_reports(
         if not failed.empty:
             (folder / "failures.md").write_text(failed.to_markdown(index=False) + "\n")
             files.append(folder / "failures.md")
+        pairs = pairwise(frame, name, board) if not tab.empty else pd.DataFrame()
+        if not pairs.empty:
+            pairs.to_csv(folder / "pairwise.csv", index=False)
+            files.append(folder / "pairwise.csv")
         if figures:
             files += task_figures(
                 [r for r in records if r.get("task") == name], frame[frame.task == name], folder
             )
+            files += pairwise_heatmap(pairs, folder)
         reports.append(TaskReport(name, tab, md, files, failed))
     if figures and task in (None, "linear"):
         files = coverage_figure(Path(root), Path(out))

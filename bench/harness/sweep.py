@@ -116,24 +116,29 @@ def _first_line(err: Exception) -> str:
     return f"{lines[0]} ({key})" if key else lines[0]
 
 
-def expand(cfg: SweepConfig, name: str) -> Sweep:
-    """Validate every axis and expand the grid into cells (each config built once to check it)."""
-    where = f"sweep {name}"
+def method_names(task: str, requested: list[str], where: str) -> list[str]:
+    """``["all"]`` as every registered method whose loss ``task`` trains, else the names checked."""
     try:
-        spec = tasks.get(cfg.task)
-        for n in cfg.methods if cfg.methods != ["all"] else []:
+        spec = tasks.get(task)
+        for n in requested if requested != ["all"] else []:
             methods.get(n)
     except UnknownNameError as err:
         raise ConfigError(f"{where}: {err}") from None
+    if requested == ["all"]:
+        return [n for n in methods.names() if methods.get(n).loss in spec.losses]
+    return list(requested)
+
+
+def expand(cfg: SweepConfig, name: str) -> Sweep:
+    """Validate every axis and expand the grid into cells (each config built once to check it)."""
+    where = f"sweep {name}"
     for axis in ("methods", "seeds"):
         if not getattr(cfg, axis):
             raise ConfigError(f"{where}: axis {axis!r} is empty")
+    names = method_names(cfg.task, cfg.methods, where)
+    spec = tasks.get(cfg.task)
     if cfg.sizes and not spec.size_key:
         raise ConfigError(f"{where}: task {cfg.task!r} has no model-size axis")
-    if cfg.methods == ["all"]:
-        names = [n for n in methods.names() if methods.get(n).loss in spec.losses]
-    else:
-        names = list(cfg.methods)
     if len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
         raise ConfigError(f"{where}: seeds must be distinct non-negative integers, got {list(cfg.seeds)}")
     for key, values in cfg.radii.items():

@@ -7,6 +7,11 @@ other hyperparameters from a search-space file in ``sweeps/``::
       train.lr: {low: 1.0e-4, high: 1.0e-1, log: true}
       method.labels: {choices: [bernoulli, soft]}
 
+With ``--strength`` the loss's regularization strength (DPO's beta, REBEL's eta) is searched too,
+log scale over a decade either side of its configured value; a method without a radius (DPO,
+REBEL) then tunes its strength alone. ``--methods all --strength`` is the equal tuning budget: one
+study per method, each with the same number of trials, seed and pruner, run side by side.
+
 Each trial trains one cell (seed ``--tune-seed``) with its record under
 ``results/tune/<study>/trials/`` (never in the leaderboard's folders) and reports the validation
 worst case after every evaluation, so a pruner can stop hopeless trials. Test mixtures are never
@@ -19,6 +24,7 @@ enqueued again, and only the missing trials are run.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +41,7 @@ from bench.loops.callbacks import StopRun
 from bench.loops.config import ConfigError
 
 OBJECTIVE = "val_worst_case"
+STRENGTH_SPREAD = 10.0  # the strength's search range: configured value / spread to value * spread
 SQLITE_WAIT_S = 60  # how long a SQLite write waits for another worker's lock
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -108,6 +115,16 @@ def load_space(path: Path | None) -> tuple[tuple[str, tuple], ...]:
     return tuple(out)
 
 
+def strength_space(method: str, configured: dict) -> tuple[tuple[str, tuple], ...]:
+    """The search range of ``method``'s regularization strength around its configured value
+    (``configured`` is the config's ``method`` section); empty for a loss without one."""
+    name = methods.get(method).strength
+    if name is None:
+        return ()
+    value = float(configured[name])
+    return ((f"method.{name}", ("float", value / STRENGTH_SPREAD, value * STRENGTH_SPREAD, True)),)
+
+
 def make_study(spec: TuneSpec, worker: int = 0) -> optuna.Study:
     pruner = (
         optuna.pruners.MedianPruner(n_startup_trials=3)
@@ -133,7 +150,7 @@ def trial_cell(spec: TuneSpec, params: dict, seed: int | None = None, tags: tupl
 
 def objective(spec: TuneSpec, trial: optuna.Trial) -> float:
     knob = methods.get(spec.method).knob
-    params = {"radius": trial.suggest_float("radius", knob.low, knob.high, log=knob.log)}
+    params = {"radius": trial.suggest_float("radius", knob.low, knob.high, log=knob.log)} if knob else {}
     for key, dist in spec.space:
         if dist[0] == "choice":
             params[key] = trial.suggest_categorical(key, list(dist[1]))
@@ -166,6 +183,11 @@ def tune_worker(spec: TuneSpec, n_trials: int, worker: int = 0) -> int:
     study = make_study(spec, worker)
     study.optimize(lambda t: objective(spec, t), n_trials=n_trials, catch=(Exception,))
     return n_trials
+
+
+def tune_group(shares: list[tuple[TuneSpec, int, int]]) -> int:
+    """One job's shares ``(spec, trials, worker)``, run in turn (several studies may share a job)."""
+    return sum(tune_worker(spec, n, worker) for spec, n, worker in shares)
 
 
 def counted(study: optuna.Study) -> list:
@@ -211,8 +233,8 @@ def trials_table(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def plot_study(table: pd.DataFrame, knob: str, folder: Path) -> list[Path]:
-    """Optimization history and objective against the radius (log x), as PNG and PDF."""
+def plot_study(table: pd.DataFrame, axis: str, label: str, folder: Path) -> list[Path]:
+    """Optimization history and objective against the ``axis`` column (log x), as PNG and PDF."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,9 +254,9 @@ def plot_study(table: pd.DataFrame, knob: str, folder: Path) -> list[Path]:
         paths.append(folder / f"history.{ext}")
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    sns.scatterplot(data=done, x="radius", y=OBJECTIVE, hue="trial", palette="viridis", ax=ax)
+    sns.scatterplot(data=done, x=axis, y=OBJECTIVE, hue="trial", palette="viridis", ax=ax)
     ax.set_xscale("log")
-    ax.set(xlabel=knob, ylabel="validation worst-case reward", title=f"objective vs {knob}")
+    ax.set(xlabel=label, ylabel="validation worst-case reward", title=f"objective vs {label}")
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(folder / f"objective_vs_radius.{ext}", dpi=150)
@@ -245,39 +267,95 @@ def plot_study(table: pd.DataFrame, knob: str, folder: Path) -> list[Path]:
 
 @dataclass
 class TuneResult:
+    spec: TuneSpec
     study: optuna.Study
     table: pd.DataFrame
-    best_params: dict
+    best_params: dict | None  # None when no trial completed
     best_value: float
     recovered: int
     ran: int
 
 
-def run_tuning(
-    spec: TuneSpec, trials: int, workers: int = 1, cluster: str = "debug", timeout_min: int = 240, slurm=None
-) -> TuneResult:
-    """Run (or resume) the study until ``trials`` trials have used up budget."""
-    from bench.harness.launch import make_executor
+def run_studies(
+    specs: list[TuneSpec],
+    trials: int,
+    workers: int = 1,
+    cluster: str = "debug",
+    timeout_min: int = 240,
+    slurm=None,
+) -> list[TuneResult]:
+    """Run (or resume) every study until ``trials`` trials of each have used up budget; ``workers``
+    jobs share each study. Locally at most max(workers, cores) jobs run at once, on SLURM one per
+    share. Each study's ``trials.csv`` and plots are written, completed or not."""
+    from bench.harness.launch import make_executor, usable_cores
 
     if trials < 1 or workers < 1:
         raise ConfigError("--trials and --workers must be >= 1")
-    study = make_study(spec)
-    recovered = recover_interrupted(study)
-    remaining = max(0, trials - len(counted(study)))
-    shares = split_budget(remaining, workers)
+    recovered, remaining, shares = {}, {}, []
+    for spec in specs:
+        study = make_study(spec)
+        recovered[spec.study] = recover_interrupted(study)
+        remaining[spec.study] = max(0, trials - len(counted(study)))
+        shares += [(spec, n, i) for i, n in enumerate(split_budget(remaining[spec.study], workers))]
     if shares and cluster == "debug":
-        for i, n in enumerate(shares):
-            tune_worker(spec, n, i)
+        tune_group(shares)
     elif shares:
-        executor = make_executor(cluster, spec.folder, timeout_min, slurm, [trial_cell(spec, {})])
-        jobs = executor.map_array(tune_worker, [spec] * len(shares), shares, list(range(len(shares))))
-        for job in jobs:
+        n_jobs = len(shares) if cluster == "slurm" else min(len(shares), max(workers, usable_cores()))
+        groups = [shares[i::n_jobs] for i in range(n_jobs)]
+        folder = Path(specs[0].results) / "tune"
+        executor = make_executor(cluster, folder, timeout_min, slurm, [trial_cell(specs[0], {})])
+        for job in executor.map_array(tune_group, groups):
             job.result()
+    return [_finished(spec, recovered[spec.study], remaining[spec.study]) for spec in specs]
+
+
+def _finished(spec: TuneSpec, recovered: int, ran: int) -> TuneResult:
     study = make_study(spec)
     table = trials_table(study)
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        raise RuntimeError(f"study {spec.study}: no trial completed; see {spec.folder / 'trials.csv'}")
+    spec.folder.mkdir(parents=True, exist_ok=True)
     table.to_csv(spec.folder / "trials.csv", index=False)
-    plot_study(table, methods.get(spec.method).knob.name, spec.folder)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return TuneResult(spec, study, table, None, math.nan, recovered, ran)
+    knob = methods.get(spec.method).knob
+    axis, label = ("radius", knob.name) if knob else (spec.space[0][0],) * 2
+    plot_study(table, axis, label, spec.folder)
     best = study.best_trial
-    return TuneResult(study, table, dict(best.params), float(best.value), recovered, remaining)
+    return TuneResult(spec, study, table, dict(best.params), float(best.value), recovered, ran)
+
+
+def at_edge(spec: TuneSpec, params: dict) -> list[str]:
+    """The searched float parameters whose best value lies in the outer 2% (log scale where the
+    search is) of their range: the optimum may be outside it, so the range should be widened."""
+    knob = methods.get(spec.method).knob
+    ranges = dict(spec.space)
+    if knob:
+        ranges["radius"] = ("float", knob.low, knob.high, knob.log)
+    out = []
+    for key, value in params.items():
+        dist = ranges.get(key)
+        if dist is None or dist[0] != "float":
+            continue
+        scale = math.log if dist[3] else float
+        lo, hi, v = scale(dist[1]), scale(dist[2]), scale(value)
+        if min(v - lo, hi - v) <= 0.02 * (hi - lo):
+            out.append(knob.name if key == "radius" else key)
+    return out
+
+
+def tuning_tags(result: TuneResult, trials: int) -> tuple[str, ...]:
+    """The tags of a tuned test cell: its study, the trial budget, and what was tuned (the
+    leaderboard's ``tuned`` column reads them)."""
+    knob = methods.get(result.spec.method).knob
+    keys = [knob.name if k == "radius" else k.removeprefix("method.") for k in result.best_params]
+    return (f"tuned:{result.spec.study}", f"tuning-budget:{trials}", f"tuned-keys:{','.join(keys)}")
+
+
+def run_tuning(
+    spec: TuneSpec, trials: int, workers: int = 1, cluster: str = "debug", timeout_min: int = 240, slurm=None
+) -> TuneResult:
+    """One study (``run_studies`` of one spec); raises when no trial completed."""
+    result = run_studies([spec], trials, workers, cluster, timeout_min, slurm)[0]
+    if result.best_params is None:
+        raise RuntimeError(f"study {spec.study}: no trial completed; see {spec.folder / 'trials.csv'}")
+    return result

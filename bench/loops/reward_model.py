@@ -63,23 +63,32 @@ def encode_sets(tok, sets: dict[str, PairSet], max_length: int, split: str) -> d
 
 
 @torch.no_grad()
-def accuracy(model, tok, pairs: EncodedPairs, batch: int = 64) -> float:
-    hits = 0
+def correct(model, tok, pairs: EncodedPairs, batch: int = 64) -> list[int]:
+    """1 where the model ranks a pair as its label does (first preferred iff label >= 0.5), else 0."""
+    hits: list[int] = []
     for lo in range(0, len(pairs.first), batch):
         a, _ = rm_scores(model, tok, pairs.first[lo : lo + batch])
         b, _ = rm_scores(model, tok, pairs.second[lo : lo + batch])
-        hits += int(((a > b).double().cpu() == (pairs.label[lo : lo + batch] >= 0.5).double()).sum())
-    return hits / max(1, len(pairs.first))
+        hits += ((a > b).cpu() == (pairs.label[lo : lo + batch] >= 0.5)).int().tolist()
+    return hits
 
 
 def evaluate(
     model, tok, test_sets: dict[str, EncodedPairs], val_sets: dict[str, EncodedPairs], id_set: str
 ) -> dict:
+    """Accuracies per set; ``per_pair`` keeps each test pair's 0/1 (the same pairs for every method
+    of a task config, so methods compare pair by pair), and ``worst_case_selected`` is the test
+    accuracy of the OOD set that is worst on validation (no winner's curse from the test minimum)."""
     model.eval()
-    test = {name: accuracy(model, tok, s) for name, s in test_sets.items()}
-    val = {name: accuracy(model, tok, s) for name, s in val_sets.items()}
+    hits = {name: correct(model, tok, s) for name, s in test_sets.items()}
+    test = {name: sum(h) / max(1, len(h)) for name, h in hits.items()}
+    val = {
+        name: sum(h) / max(1, len(h))
+        for name, h in ((n, correct(model, tok, s)) for n, s in val_sets.items())
+    }
     ood = {k: v for k, v in test.items() if k != id_set}
-    val_ood = [v for k, v in val.items() if k != id_set] or list(val.values())
+    val_ood = {k: v for k, v in val.items() if k != id_set} or val
+    selected = min((k for k in val_ood if k in test), key=val_ood.get, default=None)
     return {
         "accuracy": test,
         "val_accuracy": val,
@@ -87,9 +96,12 @@ def evaluate(
         "worst_set": min(ood, key=ood.get) if ood else id_set,
         "mean_over_test": sum(ood.values()) / len(ood) if ood else test[id_set],
         "train_reward": test[id_set],
-        "val_worst_case": min(val_ood),
-        "val_mean": sum(val_ood) / len(val_ood),
+        "val_worst_case": min(val_ood.values()),
+        "val_mean": sum(val_ood.values()) / len(val_ood),
         "kl_ref": None,
+        "per_pair": hits,
+        "selected_set": selected,
+        "worst_case_selected": test[selected] if selected else None,
     }
 
 
