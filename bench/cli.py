@@ -104,6 +104,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         load_records,
         records_frame,
     )
+    from bench.harness.runner import record_path
     from bench.loops.config import config_hash
 
     sweep = build_sweep(args)
@@ -127,22 +128,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         print(f"follow with: bench status --sweep {sweep.name} --results {args.results}")
         return 0
+    ran = len(report.submitted) - report.taken_elsewhere
+    elsewhere = len(report.in_flight) + report.taken_elsewhere
     print(
-        f"{len(report.submitted)} cells run, {len(report.skipped)} skipped (already completed) "
-        f"in {wall:.1f} s on cluster={args.cluster}"
+        f"{ran} cells run, {len(report.skipped)} skipped (already completed)"
+        + (f", {elsewhere} left to the launcher already running them" if elsewhere else "")
+        + f" in {wall:.1f} s on cluster={args.cluster}"
     )
     for err in report.job_errors:
         print(f"job failure: {err}", file=sys.stderr)
     wanted = {(c.method, config_hash(c.config())) for c in sweep.cells}
     frame = records_frame(load_records(root, sweep.cells[0].task))
-    frame = frame[[(m, h) in wanted for m, h in zip(frame.method, frame.config_hash, strict=True)]]
+    frame = frame[frame.apply(lambda r: (r.method, r.config_hash) in wanted, axis=1).astype(bool)]
     print(format_leaderboard(leaderboard(frame)))
     failed = failures(frame)
     if not failed.empty:
         print(f"\n{len(failed)} failed cells (not ranked):")
         print(failed.to_markdown(index=False))
-        return 1
-    return 0
+    unrecorded = [c for c in sweep.cells if not record_path(c, root).exists()]
+    if unrecorded and not elsewhere:  # e.g. every worker was killed
+        print(
+            f"\n{len(unrecorded)} cells left no record (their jobs died); bench status --sweep {sweep.name}"
+        )
+    return 1 if not failed.empty or (unrecorded and not elsewhere) else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -630,6 +638,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UnknownNameError, ConfigError, FileNotFoundError, HubUnavailable) as err:
         print(f"bench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # SIGINT or SIGTERM: local jobs were stopped at a checkpoint
+        print(
+            "bench: interrupted; run the same command again to resume the unfinished cells", file=sys.stderr
+        )
+        return 130
 
 
 if __name__ == "__main__":

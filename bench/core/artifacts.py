@@ -7,7 +7,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +28,51 @@ def locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_tensors(path: Path, allowed: Sequence[type] = (), map_location=None) -> object:
+    """``torch.load`` that cannot run code: the weights-only unpickler (tensors, containers,
+    numbers, strings) plus the classes in ``allowed``, which must be plain data (dataclasses of
+    tensors). A file holding anything else, such as a pickled callable, is refused with
+    ``pickle.UnpicklingError`` before any of it runs."""
+    import torch
+
+    with torch.serialization.safe_globals(list(allowed)):
+        return torch.load(path, weights_only=True, map_location=map_location)
+
+
+def load_or_set_aside(path: Path, what: str, allowed: Sequence[type] = (), map_location=None) -> object:
+    """``load_tensors(path)``, or None when there is no file. One that cannot be read (truncated, or
+    holding objects the weights-only unpickler refuses, which therefore never ran) is moved aside to
+    ``<name>.unreadable``, named in a warning, so that the caller starts that ``what`` afresh."""
+    if not path.exists():
+        return None
+    try:
+        return load_tensors(path, allowed, map_location)
+    except Exception as err:  # torch raises many types for a bad file
+        aside = path.with_name(path.name + ".unreadable")
+        path.replace(aside)
+        first = (str(err).splitlines() or [""])[0][:160]
+        warnings.warn(
+            f"unreadable {what} {path} ({type(err).__name__}: {first}); moved to {aside.name}, "
+            "starting afresh",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+
+
+def save_tensors(path: Path, value: object) -> None:
+    """``torch.save`` atomically: to a temp file unique to this process, then renamed (a failed
+    write removes its temp file)."""
+    import torch
+
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(value, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def artifact_dir(kind: str, spec: dict) -> Path:

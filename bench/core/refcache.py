@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import torch
 
-from bench.core.artifacts import cache_dir
+from bench.core.artifacts import cache_dir, load_or_set_aside, save_tensors
 
 FULL_HASH_LIMIT = 50_000_000  # parameters; larger models hash a strided sample of every tensor
 
@@ -37,12 +36,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cached(spec: dict, fingerprint: str, build: Callable[[], object]) -> object:
-    """``build()`` once per ``spec``; later calls load it, after checking the fingerprint."""
+def cached(spec: dict, fingerprint: str, build: Callable[[], object], allowed: Sequence[type] = ()) -> object:
+    """``build()`` once per ``spec``; later calls load it, after checking the fingerprint. The file
+    is read by the weights-only unpickler (``load_tensors``): ``allowed`` names the plain-data
+    classes the value may contain; a file holding anything else is refused, never run."""
     key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
     path = cache_dir() / "refcache" / f"{key}.pt"
-    if path.exists():
-        stored = torch.load(path, weights_only=False)
+    stored = load_or_set_aside(path, "reference cache", allowed)
+    if stored is not None:
         if stored["fingerprint"] != fingerprint:
             raise StaleCacheError(
                 f"stale reference cache {path}: built from reference weights {stored['fingerprint'][:12]}, "
@@ -51,7 +52,5 @@ def cached(spec: dict, fingerprint: str, build: Callable[[], object]) -> object:
         return stored["value"]
     value = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"fingerprint": fingerprint, "spec": spec, "value": value}, tmp)
-    Path(tmp).replace(path)
+    save_tensors(path, {"fingerprint": fingerprint, "spec": spec, "value": value})
     return value

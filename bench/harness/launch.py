@@ -12,13 +12,17 @@ written the job ids into the sweep's folder (``results/.sweeps/<name>/jobs.json`
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +31,10 @@ from submitit.helpers import Checkpointable
 from tqdm import tqdm
 
 import tasks
+from bench.core.artifacts import locked
 from bench.harness.plan import local_gpu, refuse_what_cannot_fit, sized_resources, slurm_gpu
 from bench.harness.records import read_json, write_json_atomic
-from bench.harness.runner import Cell, record_path, run_cells
+from bench.harness.runner import IN_FLIGHT_ELSEWHERE, Cell, live_owner, record_path, run_cells
 from bench.harness.sweep import SlurmConfig
 
 CLUSTERS = ("debug", "local", "slurm")
@@ -61,6 +66,7 @@ class LaunchReport:
     in_flight: list[Cell] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     job_errors: list[str] = field(default_factory=list)
+    taken_elsewhere: int = 0  # submitted cells another live launcher was already running
 
 
 def usable_cores() -> int:
@@ -90,10 +96,14 @@ def _record(cell: Cell, root: Path) -> dict | None:
 def cell_status(
     cell: Cell, root: Path, registry: dict, states: dict[str, tuple[str, str]]
 ) -> tuple[str, str]:
-    """``(status, reason)``: completed, running, pending, failed or missing."""
+    """``(status, reason)``: completed, running, pending, failed or missing. A cell whose owner lock
+    a live process holds is running, whichever launcher (or machine) started it."""
     rec = _record(cell, root)
     if rec and rec.get("status") == "completed":
         return "completed", ""
+    owner = live_owner(cell.run_dir(root))
+    if owner is not None:
+        return "running", f"owned by {owner.get('host', '?')}:{owner.get('pid', '?')}"
     job = registry.get(cell_key(cell, root))
     state, reason = states.get(job["job_id"], ("", "")) if job else ("", "")
     if state in IN_FLIGHT:
@@ -220,7 +230,9 @@ def launch(
     slurm: SlurmConfig | None = None,
     progress: bool = True,
 ) -> LaunchReport:
-    """Submit every cell that is neither completed nor in flight; wait unless on SLURM."""
+    """Submit every cell that is neither completed nor in flight (duplicates merged); wait unless on
+    SLURM. Concurrent launchers of one sweep share its registry: each adds its jobs under a lock."""
+    cells = list(dict.fromkeys(cells))
     root = Path(root).resolve()
     folder = root / ".sweeps" / name
     registry = load_registry(folder)
@@ -230,19 +242,19 @@ def launch(
     skipped = [c for c in cells if status[c] == "completed"]
     in_flight = [c for c in cells if status[c] in ("pending", "running")]
     pending = [c for c in cells if status[c] in ("failed", "missing")]
-    write_json_atomic(
-        folder / "cells.json",
-        [
-            {
-                "key": cell_key(c, root),
-                "task": c.task,
-                "method": c.method,
-                "seed": c.seed,
-                "overrides": list(c.overrides),
-            }
-            for c in cells
-        ],
-    )
+    listed = [
+        {
+            "key": cell_key(c, root),
+            "task": c.task,
+            "method": c.method,
+            "seed": c.seed,
+            "overrides": list(c.overrides),
+        }
+        for c in cells
+    ]
+    cells_file = folder / "cells.json"
+    if not cells_file.exists() or read_json(cells_file) != listed:  # a read-only re-run writes nothing
+        write_json_atomic(cells_file, listed)
     report = LaunchReport(pending, skipped, in_flight)
     if not pending:
         return report
@@ -253,6 +265,7 @@ def launch(
         refuse_what_cannot_fit(pending, local_gpu())
     executor = make_executor(cluster, folder, timeout_min, slurm, pending)
     started = time.time()
+    ignore_sigint = children_ignore_sigint() if cluster == "local" else contextlib.nullcontext()
     if cluster == "slurm":
         groups = [[c] for c in pending]
         limit = (slurm or SlurmConfig()).array_limit
@@ -264,19 +277,30 @@ def launch(
         n_jobs = 1 if cluster == "debug" else min(len(pending), workers or local_slots(pending, slots))
         groups = [pending[i::n_jobs] for i in range(n_jobs)]
         gpus = slots if cluster == "local" else []
-        jobs = submit_groups(executor, CellJob(), groups, str(root), gpus, ranks_per_cell(pending))
+        with ignore_sigint:
+            jobs = submit_groups(executor, CellJob(), groups, str(root), gpus, ranks_per_cell(pending))
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    for job, group in zip(jobs, groups, strict=True):
-        for cell in group:
-            registry[cell_key(cell, root)] = {"job_id": str(job.job_id), "cluster": cluster, "submitted": now}
-    write_json_atomic(folder / "jobs.json", registry)
+    mine = {
+        cell_key(cell, root): {"job_id": str(job.job_id), "cluster": cluster, "submitted": now}
+        for job, group in zip(jobs, groups, strict=True)
+        for cell in group
+    }
+    with locked(folder / "jobs.json"):  # another launcher may have added its jobs meanwhile
+        write_json_atomic(folder / "jobs.json", {**load_registry(folder), **mine})
     report.job_ids = [str(j.job_id) for j in jobs]
     if cluster == "slurm":
         return report
     if cluster == "local":
-        _wait(jobs, pending, root, progress, started)
+        try:
+            with sigterm_as_interrupt():
+                _wait(jobs, pending, root, progress, started)
+        except KeyboardInterrupt:
+            stop_local_jobs(jobs)
+            raise
     for job in jobs:  # the debug executor runs a job when its result is asked for
-        report.job_errors += _result(job)
+        statuses, errors = _result(job)
+        report.job_errors += errors
+        report.taken_elsewhere += statuses.count(IN_FLIGHT_ELSEWHERE)
     return report
 
 
@@ -331,12 +355,74 @@ def prepare_job(task: str, overrides: list[str], cluster: str, root: Path, slurm
     return job.result()
 
 
-def _result(job: submitit.Job) -> list[str]:
+def _result(job: submitit.Job) -> tuple[list[str], list[str]]:
+    """The job's cell statuses and its error (none when it ended normally)."""
     try:
-        job.result()
-        return []
+        return job.result(), []
     except Exception as err:  # the job itself died (killed, timed out): its cells lack records
-        return [f"job {job.job_id}: {type(err).__name__}: {str(err).strip().splitlines()[-1]}"]
+        return [], [f"job {job.job_id}: {type(err).__name__}: {str(err).strip().splitlines()[-1]}"]
+
+
+@contextlib.contextmanager
+def children_ignore_sigint() -> Iterator[None]:
+    """Local jobs started within inherit an ignored SIGINT. A Ctrl-C at the terminal reaches the
+    whole process group, and submitit's local controller would answer it by killing its tasks a
+    second later, mid-step; instead the launcher asks them to stop (``stop_local_jobs``)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM to the launcher (``kill``, a scheduler) is handled as Ctrl-C is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def stop_local_jobs(jobs: list[submitit.Job], grace_s: float = 600.0) -> None:
+    """SIGTERM to every running local job (its controller forwards it to the task, whose running
+    cell checkpoints at the end of its iteration and stops), then wait up to ``grace_s`` for them;
+    a second Ctrl-C, or the grace period, kills what is left."""
+    live = [j for j in jobs if getattr(j, "_process", None) is not None and j._process.poll() is None]
+    for job in live:
+        job._process.send_signal(signal.SIGTERM)
+    print(f"\nstopping {len(live)} local jobs: each checkpoints its cell (Ctrl-C again to kill them)")
+    deadline = time.time() + grace_s
+    try:
+        while any(j._process.poll() is None for j in live) and time.time() < deadline:
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        pass
+    for job in live:
+        if job._process.poll() is None:
+            kill_tree(job._process.pid)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and its descendants (Linux ``/proc``; elsewhere the process alone): a
+    killed local controller would leave its task running."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(c) for c in children.read_text().split()] if children.exists() else []
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    for kid in kids:
+        kill_tree(kid)
 
 
 def _wait(jobs: list[submitit.Job], cells: list[Cell], root: Path, progress: bool, started: float) -> None:

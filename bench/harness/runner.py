@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import importlib
 import json
 import os
 import random
+import socket
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from omegaconf import DictConfig
 import methods
 import tasks
 from bench.harness.records import SCHEMA, environment, git_commit, read_json, write_json_atomic
-from bench.loops.callbacks import OnEval, StopRun
+from bench.loops.callbacks import CHECKPOINT, Interrupted, OnEval, StopRun, stop_on_signals, stop_requested
 from bench.loops.config import build_config, config_hash, method_radius, to_dict
 
 # The loop of each kind of task, imported when a cell runs (listing and planning stay cheap).
@@ -91,15 +95,75 @@ def record_header(cell: Cell, cfg: DictConfig) -> dict:
     }
 
 
+IN_FLIGHT_ELSEWHERE = "in-flight"  # run_cell's status for a cell another live process owns
+INTERRUPTED = "interrupted"  # run_cells' status for a cell stopped (checkpointed) or not begun
+OWNER = ".owner"  # the per-cell lock file in the run folder
+
+
+@contextmanager
+def cell_owner(run_dir: Path) -> Iterator[bool]:
+    """Whether this process owns the cell at ``run_dir``: an exclusive, non-blocking ``flock`` on
+    its ``.owner`` file, held for the block, with the holder's host and pid written in it. The
+    kernel drops the lock when its holder dies, so a cell whose owner was killed is taken over by
+    the next launcher, and one whose owner lives is left to it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / OWNER, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": _now()}))
+            handle.flush()
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def live_owner(run_dir: Path) -> dict | None:
+    """The host and pid of the live process that owns the cell at ``run_dir``, or None (read only:
+    works on a read-only results folder)."""
+    path = run_dir / OWNER
+    if not path.exists():
+        return None
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                return json.loads(handle.read() or "{}")
+            except ValueError:
+                return {}
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return None
+
+
 def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
     """Train and evaluate one cell; write ``record.json`` atomically; return the status.
 
-    ``on_eval(iteration, scores)`` is called after every evaluation; if it raises ``StopRun`` the
-    record says ``pruned`` and the exception propagates.
+    One cell, one owner (``cell_owner``): a cell that another live process is running is left to
+    it (status ``in-flight``), and one completed meanwhile is not trained again. ``on_eval(iteration,
+    scores)`` is called after every evaluation; if it raises ``StopRun`` the record says ``pruned``
+    and the exception propagates.
     """
     cfg = cell.config()
-    if cfg.train.nproc > 1 and not in_rank_environment(cfg.train.nproc):
-        return launch_ranks(cell, Path(root), cfg.train.nproc)
+    if cfg.train.nproc > 1 and in_rank_environment(cfg.train.nproc):
+        return _run_here(cell, Path(root), cfg, on_eval)  # one rank: its launcher owns the cell
+    with cell_owner(cell.run_dir(root)) as owned:
+        if not owned:
+            return IN_FLIGHT_ELSEWHERE
+        if is_completed(cell, root):
+            return "completed"
+        if cfg.train.nproc > 1:
+            return launch_ranks(cell, Path(root), cfg.train.nproc)
+        return _run_here(cell, Path(root), cfg, on_eval)
+
+
+def _run_here(cell: Cell, root: Path, cfg: DictConfig, on_eval: OnEval | None) -> str:
+    """``run_cell``'s body in this process (or this rank): train, then write the record."""
     record = {
         **record_header(cell, cfg),
         "git": git_commit(),
@@ -130,6 +194,8 @@ def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
     record["finished"] = _now()
     if int(os.environ.get("RANK", "0")) == 0:  # with train.nproc ranks, rank 0 writes the record
         write_json_atomic(record_path(cell, root), record)
+        if record["status"] == "completed":  # only now: a kill before the record keeps the checkpoint
+            (cell.run_dir(root) / CHECKPOINT).unlink(missing_ok=True)
     return record["status"]
 
 
@@ -201,10 +267,18 @@ def launch_ranks(cell: Cell, root: Path, nproc: int) -> str:
 def run_cells(cells: list[Cell], root: str) -> list[str]:
     """A job's body: run its cells in order (the unit submitit schedules).
 
-    A cell already completed is left alone: a requeued job whose cell finished meanwhile (SLURM
-    lets a job run ``KillWait`` seconds after ``scontrol requeue``) does not train it again.
+    A cell already completed is left alone (``run_cell``): a requeued job whose cell finished
+    meanwhile (SLURM lets a job run ``KillWait`` seconds after ``scontrol requeue``) does not train
+    it again, and neither does a second launcher of the same sweep.
     """
-    return ["completed" if is_completed(c, Path(root)) else run_cell(c, Path(root)) for c in cells]
+    statuses = []
+    with stop_on_signals():  # SIGINT/SIGTERM: the running cell checkpoints, the rest wait
+        for cell in cells:
+            try:
+                statuses.append(INTERRUPTED if stop_requested() else run_cell(cell, Path(root)))
+            except Interrupted:
+                statuses.append(INTERRUPTED)
+    return statuses
 
 
 def main(argv: list[str]) -> None:

@@ -13,7 +13,9 @@ Per iteration t:
 ``train.data=offline`` instead draws pairs from a fixed set sampled once from the reference policy
 and labeled by the training mixture (the WDPO paper's protocol). Every ``checkpoint_every``
 iterations the model, optimizer, scheduler, every RNG state and the sampler cursor are saved, so a
-killed run resumes and ends with exactly the metrics of an uninterrupted one.
+killed run resumes and ends with exactly the metrics of an uninterrupted one. Checkpoints are read
+by the weights-only unpickler (a file holding code is refused and moved aside, never run), and the
+runner removes the checkpoint only after the record is written.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 import methods
+from bench.core.artifacts import load_or_set_aside, load_tensors, save_tensors
 from bench.core.generation import check_generator, make_generator
 from bench.core.lm import SequenceBatch, chunked_logps, sample, sequence_batch, sequence_logps
 from bench.core.refcache import cached, model_fingerprint
 from bench.core.resources import peak_memory_mb, utilisation
-from bench.loops.callbacks import OnEval
+from bench.loops.callbacks import CHECKPOINT, Interrupted, OnEval, stop_requested
 from bench.loops.capability import require_task_modules
 from bench.loops.config import loss_kwargs, method_radius, to_dict
 from bench.loops.distributed import broadcast_parameters, gather_rows, init_from_env, shard, sum_gradients
@@ -146,6 +149,11 @@ def sample_pairs(
     return PairBatch(seqs, rewards.float(), pref.float(), groups), samples
 
 
+# The plain-data classes a checkpoint or a reference-cache entry may hold (offline pairs); the
+# weights-only unpickler accepts these and refuses every other class.
+PAIR_TYPES = (PairBatch, SequenceBatch)
+
+
 def group_options(task, cfg: DictConfig) -> GroupOptions:
     """The groups GR-DPO / GR-IPO weigh: the ordered objective pairs of a random-pairs protocol
     (ArmoRM; drawn uniformly, so equal shares) or the training prompts' groups with their counts."""
@@ -177,11 +185,14 @@ def offline_pairs(reference, tok, task, prompts: list, scaler, cfg: DictConfig, 
         batch.anchor = chunked_logps(reference, batch.seqs, cfg.method.logp_temperature, chunk).view(2, -1).T
         return batch
 
-    return cached(spec, model_fingerprint(reference), build)
+    return cached(spec, model_fingerprint(reference), build, allowed=PAIR_TYPES)
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python's, NumPy's (its key as a tensor, so a weights-only load reads it) and torch's streams."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    numpy = (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss)
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -189,16 +200,11 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
@@ -302,11 +308,15 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
                 **kwargs,
             )
 
-    ckpt = Path(run_dir) / "checkpoint.pt"
+    ckpt = Path(run_dir) / CHECKPOINT
     ckpt.parent.mkdir(parents=True, exist_ok=True)
 
-    if ckpt.exists():
-        st = torch.load(ckpt, weights_only=False, map_location=device)
+    st = load_or_set_aside(ckpt, "checkpoint", PAIR_TYPES, device) if rank == 0 else None
+    if size > 1:  # rank 0 decides (a bad file is moved aside once), every rank loads what it read
+        found = [st is not None]
+        dist.broadcast_object_list(found, src=0)
+        st = load_tensors(ckpt, PAIR_TYPES, map_location=device) if found[0] and rank else st
+    if st is not None:
         policy.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
@@ -406,10 +416,12 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
             if it == tc.iterations:  # the final evaluation: the same seed, so the same numbers
                 last = row, shown
         progress["iteration"], progress["agg_state"] = it, agg_state
-        if tc.checkpoint_every and it % tc.checkpoint_every == 0 and it < tc.iterations:
+        stop = stop_requested() if size == 1 else any(gather_rows([stop_requested()]))
+        periodic = tc.checkpoint_every and it % tc.checkpoint_every == 0
+        if (periodic or stop) and it < tc.iterations:
             streams = gather_rows([(gen.get_state(), rng_state())])  # every rank's, in rank order
             if rank == 0:  # the weights and optimizer state are the same on every rank
-                save_checkpoint(
+                save_tensors(
                     ckpt,
                     {
                         "iteration": it,
@@ -425,12 +437,12 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
                         "world_size": size,
                     },
                 )
+            if stop:
+                raise Interrupted(f"stopped at iteration {it} of {tc.iterations}; checkpointed in {ckpt}")
 
     final, after = last or evaluate(policy, scaler=scaler, iteration=tc.iterations)
     if generator is not None:
         generator.close()
-    if rank == 0:
-        ckpt.unlink(missing_ok=True)
     per_rank = gather_rows([(timing["gen_tokens"], timing["train_tokens"], peak_memory_mb())])
     timing["gen_tokens"] = sum(g for g, _, _ in per_rank)  # the global batch's tokens
     timing["train_tokens"] = sum(t for _, t, _ in per_rank)
