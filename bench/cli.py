@@ -6,28 +6,54 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import methods
 import tasks
 from bench.core.registry import UnknownNameError
-from bench.loops.config import ConfigError
+from bench.loops.config import MAX_SEED, MAX_SEEDS, ConfigError
 from tasks.hub import HubUnavailable
 
 EPILOG = "Overrides are key=value pairs on the typed config, e.g. method.rho=0.1 task.n=2000 train.lr=1e-3."
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``bench run: error: ...``), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_seeds(text: str) -> list[int]:
-    """``0,1,2`` or ``0-4`` (inclusive) or a mix: ``0-2,7``."""
+    """``0,1,2`` or ``0-4`` (inclusive) or a mix: ``0-2,7``; distinct, each in ``[0, 2**32)``, at most
+    ``MAX_SEEDS`` of them (counted before a range is spelled out)."""
     seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            lo, _, hi = part.strip().partition("-")
-            seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--seeds takes 0,1,2 or 0-4, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"--seeds needs distinct non-negative integers, got {text!r}")
+    for part in text.split(","):
+        lo, hi = _seed_range(part.strip(), text)
+        if len(seeds) + hi - lo + 1 > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} makes more than {MAX_SEEDS} seeds, the most one run takes"
+            )
+        seeds.extend(range(lo, hi + 1))
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} names a seed more than once")
     return seeds
+
+
+def _seed_range(part: str, text: str) -> tuple[int, int]:
+    """``7`` as ``(7, 7)``, ``0-4`` as ``(0, 4)``: both ends integers in ``[0, 2**32)``, in order."""
+    lo, dash, hi = part.partition("-")
+    try:
+        ends = (int(lo), int(hi) if dash else int(lo))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: seeds are non-negative integers or ranges with both ends, e.g. 0,1,2 or 0-4"
+        ) from None
+    if not all(0 <= end < MAX_SEED for end in ends):
+        raise argparse.ArgumentTypeError(f"{text!r}: seeds must be in [0, 2**32)")
+    if ends[1] < ends[0]:
+        raise argparse.ArgumentTypeError(f"{text!r}: the range {part} is empty (it ends below its start)")
+    return ends
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -55,11 +81,34 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def split_list(text: str) -> list[str]:
+def split_list(text: str, where: str = "a list") -> list[str]:
+    """The items of a comma-separated list; none at all is a ``ConfigError`` naming ``where``."""
     items = [t.strip() for t in text.split(",") if t.strip()]
     if not items:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+        raise ConfigError(f"{where} {text!r}: expected a comma-separated list, e.g. a,b")
     return items
+
+
+def split_numbers(text: str, where: str, kind: type[int] | type[float]) -> list:
+    """The items of a comma-separated list of ``kind`` (int or float), naming ``where`` if not."""
+    items = split_list(text, where)
+    try:
+        return [kind(item) for item in items]
+    except ValueError:
+        raise ConfigError(f"{where} {text!r}: expected comma-separated {kind.__name__} values") from None
+
+
+def results_folder(args: argparse.Namespace) -> Path:
+    """``--results``, which must exist, after checking ``--task`` (when given) is a known task."""
+    if args.task:
+        try:
+            tasks.get(args.task)
+        except UnknownNameError as err:
+            raise ConfigError(f"--task: {err}") from None
+    root = Path(args.results)
+    if not root.is_dir():
+        raise ConfigError(f"--results {root}: the folder does not exist")
+    return root
 
 
 def build_sweep(args: argparse.Namespace):
@@ -72,18 +121,15 @@ def build_sweep(args: argparse.Namespace):
     if args.task and path and args.task != cfg.task:
         raise ConfigError(f"--task {args.task} contradicts the sweep's task {cfg.task}")
     if args.methods:
-        cfg.methods = ["all"] if args.methods == "all" else split_list(args.methods)
+        cfg.methods = ["all"] if args.methods == "all" else split_list(args.methods, "--methods")
     if args.seeds is not None:
         cfg.seeds = args.seeds
-    try:
-        if args.radii:
-            cfg.radii = {"*": [float(r) for r in split_list(args.radii)]}
-        if args.scales:
-            cfg.scales = [int(s) for s in split_list(args.scales)]
-    except ValueError as err:
-        raise ConfigError(f"--radii takes numbers and --scales integers: {err}") from None
+    if args.radii:
+        cfg.radii = {"*": split_numbers(args.radii, "--radii", float)}
+    if args.scales:
+        cfg.scales = split_numbers(args.scales, "--scales", int)
     if args.sizes:
-        cfg.sizes = split_list(args.sizes)
+        cfg.sizes = split_list(args.sizes, "--sizes")
     run_overrides = [o for o in args.overrides if not o.startswith("slurm.")]
     cfg.overrides = [*cfg.overrides, *run_overrides]
     cfg.slurm = _slurm_config(
@@ -325,7 +371,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from bench.harness.report import refresh_readme, write_reports
 
     out = Path(args.out) if args.out else Path(args.results) / "reports"
-    reports = write_reports(Path(args.results), out, args.task, args.sweep, figures=not args.no_figures)
+    reports = write_reports(results_folder(args), out, args.task, args.sweep, figures=not args.no_figures)
     if not reports:
         print(f"no run records under {args.results}" + (f" for task {args.task}" if args.task else ""))
         return 1
@@ -367,7 +413,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from bench.harness.records import write_json_atomic
     from bench.loops.capability import install_task_modules, lmeval_scores, require_task_modules
 
-    names = split_list(args.tasks)
+    names = split_list(args.tasks, "--tasks")
     if args.install:
         install_task_modules(names)
     require_task_modules(names)
@@ -417,7 +463,7 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         records_frame,
     )
 
-    frame = records_frame(load_records(Path(args.results), args.task))
+    frame = records_frame(load_records(results_folder(args), args.task))
     print(format_leaderboard(leaderboard(frame)))
     failed = failures(frame)
     if not failed.empty:
@@ -456,7 +502,7 @@ def cmd_protocols(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="bench",
         description="Benchmark harness for distributionally robust preference alignment.",
         epilog=EPILOG,

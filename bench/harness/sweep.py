@@ -21,17 +21,19 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import methods
 import tasks
 from bench.core.registry import UnknownNameError
 from bench.harness.runner import Cell
-from bench.loops.config import ConfigError
+from bench.loops.config import MAX_SEEDS, ConfigError, check_seed, method_key_users
 
 SWEEP_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 
@@ -99,8 +101,16 @@ def resolve_path(name: str) -> Path:
 
 
 def load_sweep_config(path: Path) -> SweepConfig:
+    """A sweep file's config; unreadable YAML, a top level that is not a mapping naming the task,
+    unknown keys, wrong types and empty axes raise ``ConfigError`` naming the file."""
+    raw = read_mapping(path, f"sweep {path}")
+    if not raw:
+        raise ConfigError(
+            f"sweep {path} is empty: a sweep names at least its task ({', '.join(tasks.names())})"
+        )
+    if "task" not in raw:
+        raise ConfigError(f"sweep {path} has no task key: name one of {', '.join(tasks.names())}")
     try:
-        raw = OmegaConf.load(path)
         cfg = OmegaConf.merge(OmegaConf.structured(SweepConfig), raw)
     except OmegaConfBaseException as err:
         raise ConfigError(f"sweep {path}: {_first_line(err)}") from None
@@ -108,6 +118,30 @@ def load_sweep_config(path: Path) -> SweepConfig:
         if axis in raw and not raw[axis]:
             raise ConfigError(f"sweep {path}: axis {axis!r} is empty")
     return OmegaConf.to_object(cfg)
+
+
+def read_mapping(path: Path, where: str) -> DictConfig:
+    """A YAML file whose top level is a mapping, loaded as OmegaConf does (its safe loader: no
+    Python tags, a cap on alias expansion); anything else raises a one-line ``ConfigError``."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+        if node is not None and not isinstance(node, yaml.MappingNode):
+            kind = "a list" if isinstance(node, yaml.SequenceNode) else f"the scalar {node.value!r}"
+            raise ConfigError(f"{where}: the top level must be a mapping of keys to values, got {kind}")
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{where}: invalid YAML: {_yaml_problem(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{where}: cannot read it as UTF-8 text: {err}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong and where."""
+    if not isinstance(err, yaml.MarkedYAMLError):
+        return str(err).splitlines()[0]
+    what = ": ".join(p.splitlines()[0] for p in (err.context, err.problem) if p)
+    mark = err.problem_mark or err.context_mark
+    return what + (f" (line {mark.line + 1}, column {mark.column + 1})" if mark else "")
 
 
 def _first_line(err: Exception) -> str:
@@ -139,20 +173,13 @@ def expand(cfg: SweepConfig, name: str) -> Sweep:
     spec = tasks.get(cfg.task)
     if cfg.sizes and not spec.size_key:
         raise ConfigError(f"{where}: task {cfg.task!r} has no model-size axis")
-    if len(set(cfg.seeds)) != len(cfg.seeds) or min(cfg.seeds) < 0:
-        raise ConfigError(f"{where}: seeds must be distinct non-negative integers, got {list(cfg.seeds)}")
-    for key, values in cfg.radii.items():
-        if key != "*" and key not in names:
-            raise ConfigError(
-                f"{where}: radii.{key} names a method that is not in the sweep ({', '.join(names)})"
-            )
-        if not values:
-            raise ConfigError(f"{where}: radii.{key} is empty")
-        if key != "*" and methods.get(key).knob is None:
-            raise ConfigError(f"{where}: radii.{key}: {key} has no radius knob")
+    _check_seeds(cfg.seeds, where)
+    _check_radii(cfg.radii, names, where)
     for key, values in cfg.grid.items():
         if not values:
             raise ConfigError(f"{where}: grid.{key} is empty")
+    _check_distinct(cfg, names, where)
+    _check_method_keys([o.partition("=")[0].strip() for o in cfg.overrides] + list(cfg.grid), names, where)
     grid = [[f"{key}={v}" for v in values] for key, values in cfg.grid.items()]
     cells = []
     for method in names:
@@ -175,6 +202,57 @@ def expand(cfg: SweepConfig, name: str) -> Sweep:
                 raise ConfigError(f"{where}: cell {cell.label()}: {err}") from None
             cells.append(cell)
     return Sweep(name, cfg, cells)
+
+
+def _check_seeds(seeds: list[int], where: str) -> None:
+    """At most ``MAX_SEEDS`` seeds, each an integer in ``[0, 2**32)``."""
+    if len(seeds) > MAX_SEEDS:
+        raise ConfigError(f"{where}: {len(seeds)} seeds; at most {MAX_SEEDS} per run")
+    for seed in seeds:
+        check_seed(seed, f"{where}: seed")
+
+
+def _check_radii(radii: dict[str, list[float]], names: list[str], where: str) -> None:
+    """``radii`` keys are robust methods of the sweep (or ``*``, when one is), with values."""
+    for key, values in radii.items():
+        if key != "*" and key not in names:
+            raise ConfigError(
+                f"{where}: radii.{key} names a method that is not in the sweep ({', '.join(names)})"
+            )
+        if not values:
+            raise ConfigError(f"{where}: radii.{key} is empty")
+        if key != "*" and methods.get(key).knob is None:
+            raise ConfigError(f"{where}: radii.{key}: {key} has no radius knob")
+    if "*" in radii and not any(methods.get(n).knob for n in names):
+        robust = ", ".join(n for n in methods.names() if methods.get(n).knob)
+        raise ConfigError(
+            f"{where}: radii.* (--radii): none of {', '.join(names)} has a radius knob; "
+            f"robust methods: {robust}"
+        )
+
+
+def _check_distinct(cfg: SweepConfig, names: list[str], where: str) -> None:
+    """No value twice on an axis: it would make the same cell twice."""
+    axes = {"methods": names, "seeds": cfg.seeds, "sizes": cfg.sizes, "scales": cfg.scales}
+    axes |= {f"radii.{k}": v for k, v in cfg.radii.items()} | {f"grid.{k}": v for k, v in cfg.grid.items()}
+    for axis, values in axes.items():
+        twice = sorted(str(v) for v, count in Counter(values).items() if count > 1)
+        if twice:
+            raise ConfigError(f"{where}: {axis} lists {', '.join(twice)} more than once")
+
+
+def _check_method_keys(keys: list[str], names: list[str], where: str) -> None:
+    """Each ``method.<key>`` set for the whole sweep is read by at least one of its methods: a radius
+    knob, ``eta`` or ``beta`` that none reads would only change the config hash. (``--radii`` sets
+    each robust method's own knob, and in a multi-method sweep a key some methods read is allowed.)"""
+    for key in keys:
+        section, _, name = key.partition(".")
+        users = method_key_users(name) if section == "method" else None
+        if users is not None and not set(users) & set(names):
+            raise ConfigError(
+                f"{where}: {key}: no method of the run ({', '.join(names)}) has it; "
+                f"methods with it: {', '.join(users)}"
+            )
 
 
 def load_sweep(name: str) -> Sweep:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -128,13 +130,76 @@ class ConfigError(ValueError):
     """A configuration that cannot run, with the offending key named."""
 
 
+# Seeds are numpy's (< 2**32); what the loops derive from one (seed * 7_368_787 + 1,
+# seed * 1_000_003 + iteration + rank * 104_729) then stays within torch's 64-bit seeds.
+MAX_SEED = 2**32
+# Seeds of one run: each is a cell whose config is built to validate it (~30 ms) before anything runs.
+MAX_SEEDS = 1_000
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")  # train.device: torch.device names bench supports
+
+# Lower bounds of numeric keys: (key, bound, strict); every value must also be finite.
+LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    ("method.eta", 0, True),
+    ("method.beta", 0, True),
+    ("train.lr", 0, True),
+    ("train.iterations", 1, False),
+    ("train.batch_size", 1, False),
+    ("train.eval_every", 1, False),
+    ("train.nproc", 1, False),
+    ("train.threads", 1, False),
+    ("train.micro_batch", 0, False),
+    ("train.weight_decay", 0, False),
+    ("train.grad_clip", 0, False),
+    ("train.checkpoint_every", 0, False),
+    ("train.warmup", 0, False),
+    ("eval.samples", 1, False),
+)
+# Method keys only some methods read, by loss (the radius knobs are found from the registry).
+LOSS_KEYS = {"eta": ("rebel",), "rebel_form": ("rebel",), "beta": ("dpo", "ipo")}
+
+
+def check_seed(seed: object, where: str = "seed") -> int:
+    """``seed`` if it is an integer in ``[0, MAX_SEED)``; else a ``ConfigError`` naming ``where``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < MAX_SEED:
+        raise ConfigError(f"{where} = {seed}: must be an integer in [0, 2**32)")
+    return seed
+
+
+def check_lower_bounds(cfg: DictConfig) -> None:
+    """Every key of ``LOWER_BOUNDS`` finite and above its bound, else a ``ConfigError`` naming it."""
+    for key, bound, strict in LOWER_BOUNDS:
+        value = OmegaConf.select(cfg, key)
+        ok = math.isfinite(value) and (value > bound if strict else value >= bound)
+        if not ok:
+            raise ConfigError(f"{key} = {value}: must be {'>' if strict else '>='} {bound:g}")
+
+
+def check_device(cfg: DictConfig, trainer: str) -> None:
+    """``train.device`` one of auto, cpu, cuda, cuda:N; the linear loop runs on the CPU only."""
+    device = cfg.train.device
+    if not DEVICES.fullmatch(device):
+        raise ConfigError(f"train.device = {device!r}: must be auto, cpu, cuda or cuda:N")
+    if trainer == "linear" and device not in ("auto", "cpu"):
+        raise ConfigError(f"train.device = {device!r}: the linear loop runs on the CPU; use auto or cpu")
+
+
+def method_key_users(key: str) -> list[str] | None:
+    """The methods that read ``method.<key>``: a radius knob's methods, the REBEL loss's ``eta`` and
+    ``rebel_form``, the DPO and IPO losses' ``beta``; None for a key that every method reads."""
+    users = [n for n in methods.names() if getattr(methods.get(n).knob, "name", None) == key]
+    if not users and key in LOSS_KEYS:
+        users = [n for n in methods.names() if methods.get(n).loss in LOSS_KEYS[key]]
+    return users or None
+
+
 def build_config(
     task: str, method: str, overrides: list[str] | tuple[str, ...] = (), seed: int = 0
 ) -> DictConfig:
     """The typed config of one cell: dataclass defaults < task defaults < overrides.
 
     Overrides are ``key=value`` strings (``method.rho=0.1``, ``task.n=2000``, ``train.lr=1e-3``).
-    Unknown keys, wrong types, unknown names and out-of-range radii raise ``ConfigError``.
+    Unknown keys, wrong types, unknown names, out-of-range radii, numbers below their bound
+    (``LOWER_BOUNDS``), seeds outside ``[0, 2**32)`` and unknown devices raise ``ConfigError``.
     """
     spec = tasks.get(task)
     m = methods.get(method)
@@ -163,11 +228,9 @@ def build_config(
         raise ConfigError(
             f"method.group_update={cfg.method.group_update!r}; known: {', '.join(GROUP_UPDATES)}"
         )
-    if cfg.eval.samples < 1:
-        raise ConfigError(f"eval.samples must be >= 1, got {cfg.eval.samples}")
-    for key in ("iterations", "batch_size", "eval_every", "nproc"):
-        if cfg.train[key] <= 0:
-            raise ConfigError(f"train.{key} must be positive, got {cfg.train[key]}")
+    check_seed(cfg.seed)
+    check_lower_bounds(cfg)
+    check_device(cfg, spec.trainer)
     nproc = cfg.train.nproc
     if cfg.train.batch_size % nproc:
         raise ConfigError(
