@@ -56,6 +56,19 @@ def _seed_range(part: str, text: str) -> tuple[int, int]:
     return ends
 
 
+def workers_count(text: str) -> int:
+    """``--workers``: 0 (one per core) or a positive number of parallel jobs."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"--workers takes 0 (one per core) or a positive integer, got {text!r}"
+        )
+    return value
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -526,7 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="debug: in process; local: subprocesses capped to the cores (default); "
         "slurm: job arrays, returns at once",
     )
-    p.add_argument("--workers", type=int, default=0, help="parallel jobs (default: number of cores)")
+    p.add_argument(
+        "--workers", type=workers_count, default=0, help="parallel jobs (default: number of cores)"
+    )
     p.add_argument("--results", default="results", help="results folder (default: results)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value")

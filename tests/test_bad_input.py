@@ -29,7 +29,7 @@ BAD = {
         ["seed", "2**32"],
     ),
     "methods-empty-list": (["--methods", ","], None, ["--methods", "comma-separated"]),
-    "methods-twice": (["--methods", "dpo,dpo"], None, ["methods", "dpo", "more than once"]),
+    "workers-negative": (["--methods", "dpo", "--workers", "-2"], None, ["--workers", "positive integer"]),
     "seeds-open-range": (["--methods", "dpo", "--seeds", "0-"], None, ["--seeds", "0-4"]),
     "seeds-too-large": (["--methods", "dpo", "--seeds", "99999999999999999999"], None, ["--seeds", "2**32"]),
     "seeds-too-many": (["--methods", "dpo", "--seeds", "0-100000000"], None, ["--seeds", "1000"]),
@@ -128,6 +128,7 @@ def test_good_seeds_parse(text, seeds):
     "argv,cells",
     [
         (["--methods", "dpo", "--seeds", "0-4"], 5),
+        (["--methods", "dpo,kldpo,dpo"], 2),  # a method named twice is one cell (issue 17, item 2)
         # a radius key some methods of a multi-method run read is theirs; --radii sets each one's own
         (["--methods", "dpo,chi2-dpo", "method.rho=0.1"], 2),
         (["--methods", "dpo,chi2-dpo,kl-rebel", "--radii", "0.1,1"], 5),

@@ -160,7 +160,7 @@ def method_names(task: str, requested: list[str], where: str) -> list[str]:
         raise ConfigError(f"{where}: {err}") from None
     if requested == ["all"]:
         return [n for n in methods.names() if methods.get(n).loss in spec.losses]
-    return list(requested)
+    return list(dict.fromkeys(requested))  # a method named twice is one method
 
 
 def expand(cfg: SweepConfig, name: str) -> Sweep:
@@ -233,7 +233,7 @@ def _check_radii(radii: dict[str, list[float]], names: list[str], where: str) ->
 
 def _check_distinct(cfg: SweepConfig, names: list[str], where: str) -> None:
     """No value twice on an axis: it would make the same cell twice."""
-    axes = {"methods": names, "seeds": cfg.seeds, "sizes": cfg.sizes, "scales": cfg.scales}
+    axes = {"seeds": cfg.seeds, "sizes": cfg.sizes, "scales": cfg.scales}  # methods are merged
     axes |= {f"radii.{k}": v for k, v in cfg.radii.items()} | {f"grid.{k}": v for k, v in cfg.grid.items()}
     for axis, values in axes.items():
         twice = sorted(str(v) for v, count in Counter(values).items() if count > 1)
