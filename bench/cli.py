@@ -276,6 +276,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from bench.harness.tune import (
         TuneSpec,
         at_edge,
+        check_space,
         load_space,
         run_studies,
         storage_url,
@@ -288,12 +289,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     requested = ["all"] if args.methods == "all" else split_list(args.methods)
     names = method_names(args.task, requested, "--methods")
     run_overrides = [o for o in args.overrides if not o.startswith("slurm.")]
-    space = load_space(resolve_path(args.space)) if args.space else ()
+    space_file = resolve_path(args.space) if args.space else None
+    space = load_space(space_file)
     results = Path(args.results).resolve()
     specs = []
     for name in names:
         method = methods.get(name)
         base = build_config(args.task, name, run_overrides, args.tune_seed)  # fails fast on bad input
+        check_space(space, space_file, args.task, name, args.tune_seed)
         strength = strength_space(name, to_dict(base)["method"]) if args.strength else ()
         own = (*(s for s in strength if s[0] not in dict(space)), *space)  # --space wins
         if method.knob is None and not own:

@@ -3,7 +3,9 @@
 import dataclasses
 import json
 import multiprocessing
+import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +24,6 @@ from bench.harness.tune import (
     make_study,
     open_storage,
     run_tuning,
-    split_budget,
     storage_url,
     strength_space,
 )
@@ -81,6 +82,107 @@ def test_workers_opening_a_new_sqlite_study_at_once_all_succeed(tmp_path):
             url = storage_url("sqlite", tmp_path, f"race{round_}")
             outcomes = pool.map(_open_study, [url] * 4)
             assert outcomes == ["ok"] * 4, outcomes
+
+
+def _worker(spec: TuneSpec, trials: int, holding, wait_for) -> None:
+    """A ``bench tune --cluster debug`` run in its own process (without the plots) whose first
+    trial, once claimed, sets ``holding`` and waits for ``wait_for`` before training."""
+    from bench.harness import tune
+
+    real = tune.run_cell
+    tune.plot_study = lambda *args: []
+
+    def first_waits(*args, **kwargs):
+        tune.run_cell = real
+        holding.set()
+        if not wait_for.wait(timeout=120):
+            raise TimeoutError("the other worker never held a trial")
+        return real(*args, **kwargs)
+
+    tune.run_cell = first_waits
+    run_tuning(spec, trials)
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+@pytest.mark.parametrize("apart", [False, True], ids=["together", "apart"])
+def test_two_runs_on_one_study_share_its_budget(tmp_path, storage, apart):
+    # Each run's first trial waits until the other run holds a trial too, so the two always hold
+    # live trials at once, however the processes are scheduled; `apart` starts the second run only
+    # once the first holds its trial. Both failed structurally on the old code: each run planned
+    # the whole budget (8 trials of 4), and a run starting beside a live trial marked it interrupted
+    # (its worker then crashed: `Cannot tell a FAIL trial`).
+    spec = spec_for(tmp_path, storage=storage, pruner="none")
+    ctx = multiprocessing.get_context("forkserver")  # torch is not fork-safe here, spawn is slower
+    ctx.set_forkserver_preload(["bench.harness.tune", "bench.loops.linear", "torch._dynamo"])  # once
+    first, second = ctx.Event(), ctx.Event()
+    runs = [ctx.Process(target=_worker, args=(spec, 4, first, second))]
+    runs.append(ctx.Process(target=_worker, args=(spec, 4, second, first)))
+    try:
+        runs[0].start()
+        assert not apart or first.wait(timeout=120), "the first run never held a trial"
+        runs[1].start()
+        for run in runs:
+            run.join(timeout=600)
+        assert [run.exitcode for run in runs] == [0, 0]
+    finally:
+        for run in runs:
+            if run.is_alive():
+                run.kill()
+    trials = make_study(spec).get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials), trials
+    assert not any(t.user_attrs.get("interrupted") for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2, "both runs ran trials"
+
+
+def test_only_trials_of_provably_dead_workers_are_recovered_once(tmp_path):
+    from bench.harness import tune
+
+    study = make_study(spec_for(tmp_path))
+    here = socket.gethostname()
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    gone, now = int(exited.stdout), time.time()
+    owners = [
+        (f"{here}:{os.getpid()}", now),  # alive
+        (f"{here}:{gone}", now),  # its process has exited: dead
+        ("elsewhere:1", now),  # another host, heartbeat fresh: alive
+        ("elsewhere:1", now - tune.GRACE_S - 1),  # heartbeat past the grace period: dead
+    ]
+    radius = optuna.distributions.FloatDistribution(1e-3, 100.0, log=True)
+    for worker, beat in owners:
+        trial = study.ask({"radius": radius})
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("heartbeat", beat)
+    assert tune.recover_dead(study) == 2 and tune.recover_dead(study) == 0
+    trials = study.get_trials()
+    assert [t.state for t in trials[:4]] == [TrialState.RUNNING, TrialState.FAIL] * 2
+    assert [t.user_attrs.get("interrupted", False) for t in trials[:4]] == [False, True] * 2
+    retries = trials[4:]
+    assert [t.state for t in retries] == [TrialState.WAITING] * 2
+    assert [t.user_attrs["retry_of"] for t in retries] == [1, 3]
+    assert [t.system_attrs["fixed_params"] for t in retries] == [trials[1].params, trials[3].params]
+    retry = study.ask()  # a retry whose worker dies too is not queued again
+    retry.set_user_attr("worker", f"{here}:{gone}")
+    assert tune.recover_dead(study) == 1
+    assert [t.state for t in study.get_trials()[4:]] == [TrialState.FAIL, TrialState.WAITING]
+
+
+TUNE_LINEAR = ["tune", "--method", "kldpo", "--task", "linear", "--trials", "2", "--cluster", "debug"]
+
+
+def test_a_bad_storage_is_refused_in_one_line_before_anything_runs(tmp_path, capsys):
+    assert main([*TUNE_LINEAR, "--results", str(tmp_path), "--storage", "bogus://x", *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--storage 'bogus://x'" in err and "journal:PATH" in err, err
+    assert not (tmp_path / "tune").exists(), "nothing ran"
+
+
+def test_a_mistyped_search_space_key_is_refused_before_any_trial(tmp_path, capsys):
+    space = tmp_path / "typo.yaml"
+    space.write_text("params:\n  train.lrr: {low: 1.0e-4, high: 1.0e-1, log: true}\n")
+    assert main([*TUNE_LINEAR, "--results", str(tmp_path), "--space", str(space), *FAST]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{space}: params.train.lrr: Key 'lrr'" in err, err
+    assert not (tmp_path / "tune").exists(), "no trial ran"
 
 
 def test_an_interrupted_study_resumes(tmp_path):
@@ -213,7 +315,6 @@ def test_bad_input_is_named(tmp_path):
     with pytest.raises(ConfigError, match=r"params\.train\.lr"):
         load_space(space)
     assert main(["tune", "--method", "rebel", "--task", "linear", "--results", str(tmp_path)]) == 2
-    assert split_budget(5, 2) == [3, 2] and split_budget(1, 3) == [1]
     spec = dataclasses.replace(spec_for(tmp_path), space=strength_space("kldpo", {"beta": 1.0}))
     # tau's range is [1e-3, 100] on a log scale, beta's [0.1, 10]: 2% of the log range is the edge
     assert at_edge(spec, {"radius": 95.0, "method.beta": 1.0}) == ["tau"]
