@@ -80,17 +80,23 @@ def cell_key(cell: Cell, root: Path) -> str:
     return str(cell.run_dir(root).relative_to(root))
 
 
-def load_registry(folder: Path) -> dict:
-    path = folder / "jobs.json"
-    return read_json(path) if path.exists() else {}
-
-
-def _record(cell: Cell, root: Path) -> dict | None:
-    path = record_path(cell, root)
+def _read_or_none(path: Path):
+    """The JSON at ``path``, or None when it is missing or unreadable (then rewritten whole)."""
     try:
         return read_json(path) if path.exists() else None
     except (OSError, ValueError):
         return None
+
+
+def load_registry(folder: Path) -> dict:
+    """The sweep's ``jobs.json``: cell key -> job id, cluster, submission time."""
+    found = _read_or_none(folder / "jobs.json")
+    return found if isinstance(found, dict) else {}
+
+
+def _record(cell: Cell, root: Path) -> dict | None:
+    found = _read_or_none(record_path(cell, root))
+    return found if isinstance(found, dict) else None
 
 
 def cell_status(
@@ -253,7 +259,7 @@ def launch(
         for c in cells
     ]
     cells_file = folder / "cells.json"
-    if not cells_file.exists() or read_json(cells_file) != listed:  # a read-only re-run writes nothing
+    if _read_or_none(cells_file) != listed:  # a re-run of the same sweep writes nothing
         write_json_atomic(cells_file, listed)
     report = LaunchReport(pending, skipped, in_flight)
     if not pending:
