@@ -69,6 +69,20 @@ def workers_count(text: str) -> int:
     return value
 
 
+TUNE_SEEDS = 2**32 // 1000  # each worker's sampler is seeded tune_seed * 1000 + its order, below 2**32
+
+
+def tune_seed(text: str) -> int:
+    """``--tune-seed``: an integer in [0, TUNE_SEEDS)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < TUNE_SEEDS:
+        raise argparse.ArgumentTypeError(f"--tune-seed takes an integer in [0, {TUNE_SEEDS}), got {text!r}")
+    return value
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -595,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--space", default=None, help="search-space file for further hyperparameters")
     p.add_argument("--pruner", default="median", choices=["median", "none"])
-    p.add_argument("--tune-seed", type=int, default=0, help="training seed of every trial")
+    p.add_argument("--tune-seed", type=tune_seed, default=0, help="training seed of every trial")
     p.add_argument("--then-test", action="store_true", help="train the best radius on --seeds as run records")
     p.add_argument("--seeds", type=parse_seeds, default=None)
     p.add_argument("--results", default="results")

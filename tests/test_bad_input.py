@@ -49,6 +49,10 @@ BAD = {
     "radius-on-method-without-it": (["--methods", "dpo", "method.rho=0.1"], None, ["method.rho", "chi2-dpo"]),
     "radii-without-robust-method": (["--methods", "dpo", "--radii", "0.1"], None, ["--radii", "chi2-dpo"]),
 }
+TUNE_BAD = {
+    "tune-seed-too-large": (["--tune-seed", "99999999999"], ["--tune-seed", "4294967"]),
+    "tune-seed-negative": (["--tune-seed", "-1"], ["--tune-seed"]),
+}
 LEADERBOARD_BAD = {
     "leaderboard-missing-folder": (["--results", "{missing}"], ["{missing}", "does not exist"]),
     "leaderboard-unknown-task": (["--results", "{results}", "--task", "lexcon"], ["--task", "lexicon"]),
@@ -110,6 +114,12 @@ def test_bad_run_input_is_refused_before_anything_runs(argv, sweep, fragments, p
     base = RUN if sweep is not None else LINEAR
     assert_refused(cli([*base, *argv], places), capsys, fragments, places)
     assert not launched
+
+
+@pytest.mark.parametrize("argv,fragments", TUNE_BAD.values(), ids=TUNE_BAD.keys())
+def test_bad_tune_input_is_refused(argv, fragments, places, capsys):
+    tune = ["tune", "--methods", "kldpo", "--task", "linear", "--cluster", "debug", "--results", "{results}"]
+    assert_refused(cli([*tune, *argv], places), capsys, fragments, places)
 
 
 @pytest.mark.parametrize("argv,fragments", LEADERBOARD_BAD.values(), ids=LEADERBOARD_BAD.keys())
