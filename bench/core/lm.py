@@ -118,21 +118,61 @@ def sequence_batch(prompts: list[list[int]], responses: list[list[int]], pad_id:
     return SequenceBatch(ids, attn, target)
 
 
+# Config fields by which a model transforms the LM head's output inside its own forward (Gemma 2's
+# soft-capping, Cohere's and Granite's logit scales): those models take the full forward.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+HEAD_CHUNK_BYTES = 2**28  # fp32 logits one no-grad LM-head chunk may hold
+
+
+def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """``(body, lm_head)`` of a causal LM whose logits are ``lm_head(body(x).last_hidden_state)``,
+    or None for one that transforms them further (``LOGIT_TRANSFORMS``) or has no separate head."""
+    head = model.get_output_embeddings()
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        return None
+    if any(getattr(model.config, name, None) for name in LOGIT_TRANSFORMS):
+        return None
+    return body, head
+
+
 def token_logps(
     model, batch: SequenceBatch, temperature: float = 1.0, inputs_embeds: Tensor | None = None
 ) -> Tensor:
     """Per-token log-probs of the targets ``[B, T-1]`` (0 outside responses).
 
-    Only the sampled token's log-softmax is formed: ``logit[y] - logsumexp(logits)``.
+    The LM head runs only where a response token is predicted: the body's hidden states are gathered
+    at those N positions, then ``logp(y) = logit[y] / t - logsumexp(logits / t)`` in float32 over
+    ``[N, V]`` instead of ``[B, T, V]`` logits (under no-grad in chunks of ``HEAD_CHUNK_BYTES``).
+    Models without a plain head (``split_head``) take the full forward with the same formula.
     """
-    if inputs_embeds is None:
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    inputs = {"input_ids": batch.input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    parts = split_head(model)
+    mask = batch.target_mask.bool()
+    targets = batch.input_ids[:, 1:][mask]
+    if parts is None:
+        logits = model(**inputs, attention_mask=batch.attention_mask).logits[:, :-1][mask]
+        picked = _target_logps(logits, targets, temperature)
     else:
-        logits = model(inputs_embeds=inputs_embeds, attention_mask=batch.attention_mask).logits
-    logits = logits[:, :-1].float() / temperature
-    targets = batch.input_ids[:, 1:]
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return picked * batch.target_mask
+        body, head = parts
+        hidden = body(**inputs, attention_mask=batch.attention_mask)[0][:, :-1][mask]  # [N, H]
+        rows = len(hidden)
+        if not torch.is_grad_enabled():  # the backward would keep every chunk's logits anyway
+            rows = max(1, HEAD_CHUNK_BYTES // (4 * head.weight.shape[0]))
+        picked = torch.cat(
+            [
+                _target_logps(head(hidden[lo : lo + rows]), targets[lo : lo + rows], temperature)
+                for lo in range(0, len(hidden), rows)
+            ]
+            or [hidden.new_zeros(0, dtype=torch.float32)]
+        )
+    return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+
+
+def _target_logps(logits: Tensor, targets: Tensor, temperature: float) -> Tensor:
+    """``[N, V]`` logits, ``[N]`` targets -> ``log softmax(logits / t)[target]`` in float32."""
+    logits = logits.float() / temperature
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
 def sequence_logps(
