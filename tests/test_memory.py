@@ -73,9 +73,10 @@ def test_bounded_chunks_give_the_same_log_probs(monkeypatch):
     width, vocab = seqs.input_ids.shape[1], policy.get_output_embeddings().weight.shape[0]
     monkeypatch.setattr(lm, "LOGIT_BUDGET_BYTES", 12 * vocab * width * 3)  # three rows per forward
     calls = []
-    forward = policy.forward
+    body = lm.split_head(policy)[0]  # the forward that runs once per chunk (the head runs after it)
+    forward = body.forward
     monkeypatch.setattr(
-        policy, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
+        body, "forward", lambda *a, **k: calls.append(k["input_ids"].shape[0]) or forward(*a, **k)
     )
     chunked = chunked_logps(policy, seqs, 0.7)
     assert calls == [3, 3, 2]
