@@ -65,7 +65,11 @@ def test_a_hostile_reference_cache_entry_never_runs_and_is_rebuilt(tmp_path, mon
     monkeypatch.setenv("BENCH_CACHE_DIR", str(tmp_path / "cache"))
     cell = Cell("lexicon", "dpo", 0, (*LEXICON_FAST, "train.data=offline"))
     run_cell(cell, tmp_path / "first")
-    (entry,) = (tmp_path / "cache" / "refcache").glob("*.pt")
+    (entry,) = (
+        e
+        for e in (tmp_path / "cache" / "refcache").glob("*.pt")
+        if load_tensors(e, PAIR_TYPES)["spec"]["kind"] == "offline-pairs"  # not the start scores
+    )
     marker = tmp_path / "pwned"
     torch.save({"fingerprint": "x", "spec": {}, "value": Payload(marker)}, entry)
     with pytest.warns(RuntimeWarning, match="unreadable reference cache"):

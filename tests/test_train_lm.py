@@ -114,8 +114,9 @@ def test_offline_reference_data_is_computed_once_and_refused_when_stale(tmp_path
     assert record(second, tmp_path / "r")["status"] == "completed" and calls == [], (
         "the cached pairs were reused"
     )
-    entries = list((tmp_path / "cache" / "refcache").glob("*.pt"))
-    assert len(entries) == 1
+    stored = {e: torch.load(e, weights_only=False) for e in (tmp_path / "cache" / "refcache").glob("*.pt")}
+    entries = [e for e, value in stored.items() if value["spec"]["kind"] == "offline-pairs"]
+    assert len(entries) == 1  # beside it, the head scaler and iteration-0 evaluation (start-scores)
     monkeypatch.setattr(loop, "sample_pairs", real)
     # A cache hit and a cold cache give the same run.
     run_cell(first, tmp_path / "again")

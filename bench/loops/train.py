@@ -21,6 +21,7 @@ runner removes the checkpoint only after the record is written.
 from __future__ import annotations
 
 import copy
+import platform
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ import methods
 from bench.core.artifacts import load_or_set_aside, load_tensors, save_tensors
 from bench.core.generation import check_generator, make_generator
 from bench.core.lm import SequenceBatch, chunked_logps, sample, sequence_batch, sequence_logps
-from bench.core.refcache import cached, model_fingerprint
+from bench.core.refcache import cached, code_fingerprint, model_fingerprint
 from bench.core.resources import peak_memory_mb, utilisation
 from bench.loops.callbacks import CHECKPOINT, Interrupted, OnEval, stop_requested
 from bench.loops.capability import require_task_modules
@@ -261,6 +262,58 @@ def precision(device: torch.device, name: str) -> Iterator[None]:
         yield
 
 
+# Where the head scaler and the iteration-0 evaluation come from: these modules and every repository
+# module they import (the task's own module is added per cell), and this loop's set-up (device,
+# precision, dropout) read as a file of its own.
+START_CODE = ("bench.loops.evaluate", "bench.core.lm", "bench.core.generation")
+
+
+def start_spec(cfg: DictConfig, task, device: torch.device) -> dict:
+    """The reference-cache key of a cell's head scaler and iteration-0 evaluation: all that can
+    change them and nothing a method or radius sets. The task section and its config class, the
+    evaluation section, the seed, the resolved device and precision, torch's thread count (float
+    sums depend on it), gradient checkpointing (set on the policy before the evaluation), and a
+    fingerprint of the code. Not the rollout backend (``train.generator``, built after the
+    evaluation, which samples through ``bench.core.lm``) nor the training batch sizes."""
+    full, task_cls = to_dict(cfg), OmegaConf.get_type(cfg.task)
+    return {
+        "kind": "start-scores",
+        "task": full["task"],
+        "task_config": f"{task_cls.__module__}.{task_cls.__qualname__}",
+        "eval": full["eval"],
+        "seed": cfg.seed,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+        "bf16": uses_bf16(device, cfg.train.precision),
+        "threads": torch.get_num_threads(),
+        "grad_checkpointing": cfg.train.grad_checkpointing,
+        "code": code_fingerprint(
+            (*START_CODE, task_cls.__module__, type(task).__module__), leaves=("bench.loops.train",)
+        ),
+    }
+
+
+def start_scores(
+    policy, reference, tok, task, cfg: DictConfig, evaluate: Callable, device: torch.device, size: int
+) -> tuple[HeadScaler, dict, list[dict]]:
+    """The head scaler (statistics of reference samples) and the iteration-0 evaluation (the policy
+    is the reference then) with its shown samples, shared through the reference cache by every
+    method and radius of a task config, evaluation and seed. Both draw from their own seeded
+    streams, so a cache hit leaves the run's randomness unchanged. A multi-rank cell computes them
+    without the cache: every rank takes part in the evaluation's gathers."""
+
+    def build() -> dict:
+        scaler = HeadScaler()
+        if task.standardize:
+            with precision(device, cfg.train.precision):
+                scaler = HeadScaler.from_reference(reference, tok, task, cfg.seed)
+        row, shown = evaluate(policy, scaler=scaler, iteration=0)
+        return {"scaler": scaler.state(), "reference": row, "samples_before": shown}
+
+    start = build() if size > 1 else cached(start_spec(cfg, task, device), model_fingerprint(policy), build)
+    return HeadScaler(**start["scaler"]), start["reference"], start["samples_before"]
+
+
 def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -> dict:
     """Train and evaluate one cell, resuming from ``run_dir/checkpoint.pt`` if one exists."""
     method = methods.get(cfg.method.name)
@@ -330,13 +383,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         offline, progress = st["offline"], st["progress"]
         progress["resumed_at"].append(st["iteration"])
     else:
-        with ctx():
-            scaler = (
-                HeadScaler.from_reference(reference, tok, task, cfg.seed)
-                if task.standardize
-                else HeadScaler()
-            )
-        ref_row, before = evaluate(policy, scaler=scaler, iteration=0)
+        scaler, ref_row, before = start_scores(policy, reference, tok, task, cfg, evaluate, device, size)
         offline = None
         if tc.data.value == "offline":  # a fixed pair set from the reference, labeled once, cached
             for turn in (0, 1) if size > 1 else (0,):  # rank 0 builds the cache, then the others read it
