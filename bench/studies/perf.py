@@ -331,16 +331,23 @@ def run(cfg: PerfConfig, out: Path) -> dict:
     """Every measurement; writes perf.json and perf.md under ``out``; returns the results."""
     torch.manual_seed(0)
     torch.set_num_threads(cfg.threads)
-    steps = bench_steps(cfg)
-    duals = bench_duals(cfg)
+    peaks = {}  # the process's peak RSS after each part: where the peak was reached
+
+    def measured(name: str, rows: list[dict]) -> list[dict]:
+        peaks[name] = peak_memory_mb()["rss"]
+        return rows
+
+    steps = measured("steps", bench_steps(cfg))
+    duals = measured("duals", bench_duals(cfg))
     result = {
         "machine": machine(),
         "steps": steps,
         "duals": duals,
         "dual_slopes": slopes(duals),
-        "generation": bench_generation(cfg),
-        "evaluation": bench_eval_mixtures(),
+        "generation": measured("generation", bench_generation(cfg)),
+        "evaluation": measured("evaluation", bench_eval_mixtures()),
         "peak_memory_mb": peak_memory_mb(),
+        "peak_rss_mb_after": peaks,
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "perf.json", result)
@@ -360,7 +367,9 @@ def format_tables(result: dict) -> str:
         index="solver", columns="n", values="seconds", sort=False
     )
     parts = [
-        f"Machine: {result['machine']}; peak RSS {result['peak_memory_mb']['rss']:.0f} MB.",
+        f"Machine: {result['machine']}; peak RSS {result['peak_memory_mb']['rss']:.0f} MB (after "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mb_after"].items())
+        + ").",
         "",
         "Step time per method (median of interleaved repetitions) and ratio to its base method:",
         "",
