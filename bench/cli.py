@@ -474,9 +474,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_perf(args: argparse.Namespace) -> int:
     from bench.studies.perf import PerfConfig, run
 
-    cfg = PerfConfig()
+    cfg = PerfConfig(threads=args.threads)
     if args.quick:
-        cfg = PerfConfig(models=(("tiny", 8, 2),), dual_ns=(1_000, 10_000, 20_000), official_ns=(300, 1_000))
+        cfg = PerfConfig(
+            threads=args.threads,
+            models=(("tiny", 8, 2),),
+            dual_ns=(1_000, 10_000, 20_000),
+            official_ns=(300, 1_000),
+            loop_reps=1,
+        )
     out = Path(args.results) / "perf"
     result = run(cfg, out)
     print((out / "perf.md").read_text())
@@ -647,6 +653,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("perf", help="step-time ratios, dual solvers, throughput: what robustness costs")
     p.add_argument("--quick", action="store_true", help="a seconds-long smoke version (tiny model, small n)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: stable on a shared machine)"
+    )
     p.add_argument("--results", default="results")
     p.set_defaults(fn=cmd_perf)
 

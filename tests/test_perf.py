@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import methods
 from bench.cli import main
 from bench.loops.evaluate import _mixture_replicates, _resample_weights
 from bench.studies.perf import official_chi2_search
@@ -24,7 +25,24 @@ def test_quick_perf_reports_every_policy_method(tmp_path, capsys):
     assert steps["chi2-rebel"]["ratio_to_base"] == pytest.approx(
         steps["chi2-rebel"]["step_s"] / steps["rebel"]["step_s"]
     )
+    loop = steps["w-rebel (per-sample loop)"]
+    assert loop["ratio_to_base"] == pytest.approx(loop["step_s"] / steps["w-rebel"]["step_s"])
+    assert "1 torch threads" in result["machine"], "one thread unless asked"
     assert "Dual solvers" in capsys.readouterr().out
+
+
+def test_the_timed_step_includes_the_reference_forward_and_clipping():
+    from bench.studies.perf import PerfConfig, build_model, pair_batch, step
+
+    policy = build_model("tiny")
+    reference = build_model("tiny").eval().requires_grad_(False)
+    batch = pair_batch(policy.config.vocab_size, PerfConfig(batch=4))
+    stale = batch.anchor.clone()
+    opt = torch.optim.SGD(policy.parameters(), lr=0.0)
+    step(policy, opt, methods.get("dpo"), batch, 0.0, reference)
+    assert not torch.equal(batch.anchor, stale), "the anchors come from the reference's forward"
+    norm = torch.sqrt(sum(p.grad.pow(2).sum() for p in policy.parameters()))
+    assert norm <= 1.0 + 1e-5, "gradients are clipped to norm 1 before the step"
 
 
 def test_official_search_is_the_minimum_over_its_candidates():

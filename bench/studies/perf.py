@@ -2,10 +2,17 @@
 
 1. Step time of every method relative to its non-robust base (REBEL, DPO, IPO) on the same batch
    and model (random-init GPT-2s of the official-perf shapes: tiny 2x64, small 6x256), repetitions
-   interleaved across methods so that machine noise hits all alike; the batched Wasserstein
-   penalty against a per-sample ``autograd.grad`` loop (the official implementation's pattern).
+   interleaved across methods so that machine noise hits all alike. A step is the whole training
+   step of ``bench.loops.train``: the frozen reference's forward for the anchors, the losses, the
+   robust objective and its backward, gradient clipping and the optimizer step. The batched
+   Wasserstein penalty is set against a per-sample ``autograd.grad`` loop (the official
+   implementation's pattern), each with a warm-up and the median of its rounds.
 2. The exact dual solvers against n (1e3 .. 1e6) and the official O(n^2) chi-square candidate
-   search (up to 1e4; it does not finish at 1e6), with the fitted log-log slope.
+   search (up to 1e5; it does not finish at 1e6), with the fitted log-log slope. The official
+   search is timed with Python's garbage collector paused: its loop over a tensor creates a
+   Python object per candidate, and the collections they trigger (scanning every live object of
+   the process, here the models of part 1) cost 10x the arithmetic, which says nothing of the
+   authors' code.
 3. Generation and training throughput (tokens/s) and peak memory.
 4. Evaluation cost against the number of test mixtures: heads are scored once, mixtures are
    weight vectors on them.
@@ -13,6 +20,8 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
 import platform
 import random
@@ -37,6 +46,7 @@ POLICY_LOSSES = ("rebel", "dpo", "ipo")  # the bt family trains reward models, m
 
 @dataclass
 class PerfConfig:
+    threads: int = 1  # torch threads: 1 is stable on a shared machine; ratios come from one process
     models: tuple[tuple[str, int, int], ...] = (
         ("tiny", 64, 15),
         ("small", 16, 5),
@@ -45,6 +55,7 @@ class PerfConfig:
     prompt_len: int = 16
     response_len: int = 24
     dual_ns: tuple[int, ...] = (1_000, 10_000, 100_000, 1_000_000)
+    loop_reps: int = 3  # rounds of the per-sample Wasserstein loop (after a warm-up)
     official_ns: tuple[int, ...] = (1_000, 10_000, 100_000)
 
 
@@ -92,9 +103,14 @@ def _hparams(method) -> dict:
     return {"eta": 0.01} if method.loss == "rebel" else {"beta": 0.1}
 
 
-def step(policy, opt, method, batch, radius: float) -> float:
-    """One optimizer step of ``method`` (losses, robust objective, backward, AdamW); seconds."""
+def step(policy, opt, method, batch, radius: float, reference=None) -> float:
+    """One training step of ``method`` as the loop takes it (the reference's anchor forward when
+    given, losses, robust objective, backward, clipping at norm 1, AdamW); seconds."""
+    from bench.core.lm import chunked_logps
+
     start = time.perf_counter()
+    if reference is not None:
+        batch.anchor = chunked_logps(reference, batch.seqs, 1.0).view(2, -1).T
     opt.zero_grad(set_to_none=True)
     methods.backward_robust(
         method,
@@ -104,14 +120,20 @@ def step(policy, opt, method, batch, radius: float) -> float:
         groups=batch.groups,
         state={},
     )
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
     return time.perf_counter() - start
 
 
-def loop_wasserstein_step(policy, opt, batch, rho0: float) -> float:
-    """W-REBEL as the official code computes it: one double-backward ``autograd.grad`` per sample."""
+def loop_wasserstein_step(policy, opt, batch, rho0: float, reference=None) -> float:
+    """W-REBEL as the official code computes it: one double-backward ``autograd.grad`` per sample
+    (with the same anchor forward, clipping and optimizer step as ``step``)."""
+    from bench.core.lm import chunked_logps
+
     method = methods.get("w-rebel")
     start = time.perf_counter()
+    if reference is not None:
+        batch.anchor = chunked_logps(reference, batch.seqs, 1.0).view(2, -1).T
     opt.zero_grad(set_to_none=True)
     seqs = batch.rows(torch.arange(batch.m))
     embeds = policy.get_input_embeddings()(seqs.input_ids)
@@ -126,6 +148,7 @@ def loop_wasserstein_step(policy, opt, batch, rho0: float) -> float:
         (g,) = torch.autograd.grad(losses[i], embeds, create_graph=True, retain_graph=True)
         norms.append(g[i].pow(2).sum() + g[i + batch.m].pow(2).sum())
     (losses.mean() + rho0 * torch.sqrt(torch.stack(norms).mean() + 1e-12)).backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
     return time.perf_counter() - start
 
@@ -134,17 +157,18 @@ def bench_steps(cfg: PerfConfig) -> list[dict]:
     rows = []
     for name, size, reps in cfg.models:
         policy = build_model(name)
+        reference = copy.deepcopy(policy).eval().requires_grad_(False)
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
         batch = pair_batch(SHAPES[name][3], replace(cfg, batch=size))
         names = [n for n in methods.names() if methods.get(n).loss in POLICY_LOSSES]
         times = {n: [] for n in names}
         for n in names:  # warm-up
-            step(policy, opt, methods.get(n), batch, _radius(n))
+            step(policy, opt, methods.get(n), batch, _radius(n), reference)
         for rep in range(reps):  # a fresh random order each round: no method always runs first
             order = list(names)
             random.Random(rep).shuffle(order)
             for n in order:
-                times[n].append(step(policy, opt, methods.get(n), batch, _radius(n)))
+                times[n].append(step(policy, opt, methods.get(n), batch, _radius(n), reference))
         med = {n: statistics.median(v) for n, v in times.items()}
         tokens = int(batch.seqs.attention_mask.sum())
         for n in names:
@@ -159,14 +183,17 @@ def bench_steps(cfg: PerfConfig) -> list[dict]:
                     "train_tokens_per_s": tokens / med[n],
                 }
             )
-        loop = loop_wasserstein_step(policy, opt, batch, 0.01)
+        loop_wasserstein_step(policy, opt, batch, 0.01, reference)  # warm-up
+        loop = statistics.median(
+            loop_wasserstein_step(policy, opt, batch, 0.01, reference) for _ in range(cfg.loop_reps)
+        )
         rows.append(
             {
                 "model": name,
                 "batch": size,
                 "method": "w-rebel (per-sample loop)",
                 "step_s": loop,
-                "ratio_to_base": loop / med["rebel"],
+                "ratio_to_base": loop / med["w-rebel"],  # against the batched W step it replaces
                 "train_tokens_per_s": tokens / loop,
             }
         )
@@ -183,9 +210,15 @@ def official_chi2_search(losses: torch.Tensor, rho: float) -> float:
     candidates = torch.cat([losses.min().view(1) - 1, torch.unique(losses), losses.max().view(1) + 1])
     n = losses.numel()
     best = math.inf
-    for c in candidates:
-        value = float(c + torch.sqrt(2 * rho / n * (losses - c).clamp_min(0).pow(2).sum()))
-        best = min(best, value)
+    paused = gc.isenabled()
+    gc.disable()  # see the module docstring: collections would dominate the per-candidate cost
+    try:
+        for c in candidates:
+            value = float(c + torch.sqrt(2 * rho / n * (losses - c).clamp_min(0).pow(2).sum()))
+            best = min(best, value)
+    finally:
+        if paused:
+            gc.enable()
     return best
 
 
@@ -297,16 +330,24 @@ def machine() -> str:
 def run(cfg: PerfConfig, out: Path) -> dict:
     """Every measurement; writes perf.json and perf.md under ``out``; returns the results."""
     torch.manual_seed(0)
-    steps = bench_steps(cfg)
-    duals = bench_duals(cfg)
+    torch.set_num_threads(cfg.threads)
+    peaks = {}  # the process's peak RSS after each part: where the peak was reached
+
+    def measured(name: str, rows: list[dict]) -> list[dict]:
+        peaks[name] = peak_memory_mb()["rss"]
+        return rows
+
+    steps = measured("steps", bench_steps(cfg))
+    duals = measured("duals", bench_duals(cfg))
     result = {
         "machine": machine(),
         "steps": steps,
         "duals": duals,
         "dual_slopes": slopes(duals),
-        "generation": bench_generation(cfg),
-        "evaluation": bench_eval_mixtures(),
+        "generation": measured("generation", bench_generation(cfg)),
+        "evaluation": measured("evaluation", bench_eval_mixtures()),
         "peak_memory_mb": peak_memory_mb(),
+        "peak_rss_mb_after": peaks,
     }
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "perf.json", result)
@@ -326,7 +367,9 @@ def format_tables(result: dict) -> str:
         index="solver", columns="n", values="seconds", sort=False
     )
     parts = [
-        f"Machine: {result['machine']}; peak RSS {result['peak_memory_mb']['rss']:.0f} MB.",
+        f"Machine: {result['machine']}; peak RSS {result['peak_memory_mb']['rss']:.0f} MB (after "
+        + ", ".join(f"{k} {v:.0f}" for k, v in result["peak_rss_mb_after"].items())
+        + ").",
         "",
         "Step time per method (median of interleaved repetitions) and ratio to its base method:",
         "",
