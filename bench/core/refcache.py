@@ -10,11 +10,11 @@ silently reused.
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import importlib.metadata
 import json
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -42,61 +42,28 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def module_source(module: str) -> Path | None:
-    """The repository file of ``module`` (``a.b``: ``a/b.py`` or ``a/b/__init__.py``), None for a
-    module from elsewhere (the standard library, an installed package) or a name that is no module."""
-    base = REPO.joinpath(*module.split("."))
-    return next((p for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()), None)
+PACKAGES = ("bench", "methods", "tasks")  # the repository's code
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The absolute module names the source at ``path`` imports anywhere in it (imports inside
-    functions included); ``from a import b`` names both ``a`` and ``a.b``, which may be a module."""
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
+def code_files(root: Path = REPO) -> list[Path]:
+    """Every Python source and packaged data file of the repository's packages, sorted."""
+    return sorted(
+        p for pkg in PACKAGES for p in (root / pkg).rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
 
 
-def code_closure(roots: Sequence[str]) -> tuple[list[Path], list[str]]:
-    """The repository files of ``roots`` and of every repository module they import, transitively
-    (sorted), and the top-level names of the other packages those files import (sorted)."""
-    files: dict[str, Path] = {}
-    outside: set[str] = set()
-    todo = list(roots)
-    while todo:
-        name = todo.pop()
-        if name in files:
-            continue
-        path = module_source(name)
-        if path is not None:
-            files[name] = path
-            todo.extend(imported_modules(path))
-        elif module_source(name.split(".")[0]) is None:  # not ``repo_module.attribute``
-            outside.add(name.split(".")[0])
-    return sorted(set(files.values())), sorted(outside)
-
-
-def code_fingerprint(roots: Sequence[str], leaves: Sequence[str] = ()) -> str:
-    """SHA-256 of the source of ``roots`` and of every repository module they import, transitively,
-    of the modules ``leaves`` (their own file only), and of the installed version of each package
-    those files import whose import name is its distribution's (torch, transformers, numpy): a
-    value cached by other code (an edited reward or sampler, another torch) is never read back."""
-    files, outside = code_closure(roots)
-    files = sorted({*files, *(p for p in map(module_source, leaves) if p is not None)})
+@cache
+def code_fingerprint(root: Path = REPO) -> str:
+    """SHA-256 of the repository's code (``code_files``) and of the name and version of every
+    installed distribution: a value cached by other code (an edited reward, sampler or loop, another
+    torch or lexicon wheel) is never read back. Coarse on purpose: any change recomputes once per
+    seed, and no import analysis can miss a file."""
     digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.relative_to(REPO)}\0".encode())
+    for path in code_files(root):
+        digest.update(f"{path.relative_to(root)}\0".encode())
         digest.update(hashlib.sha256(path.read_bytes()).digest())
-    for name in outside:
-        try:
-            digest.update(f"{name}=={importlib.metadata.version(name)}\0".encode())
-        except importlib.metadata.PackageNotFoundError:  # the standard library, or another name
-            continue
+    versions = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    digest.update("\0".join(versions).encode())
     return digest.hexdigest()
 
 

@@ -262,12 +262,6 @@ def precision(device: torch.device, name: str) -> Iterator[None]:
         yield
 
 
-# Where the head scaler and the iteration-0 evaluation come from: these modules and every repository
-# module they import (the task's own module is added per cell), and this loop's set-up (device,
-# precision, dropout) read as a file of its own.
-START_CODE = ("bench.loops.evaluate", "bench.core.lm", "bench.core.generation")
-
-
 def start_spec(cfg: DictConfig, task, device: torch.device) -> dict:
     """The reference-cache key of a cell's head scaler and iteration-0 evaluation: all that can
     change them and nothing a method or radius sets. The task section and its config class, the
@@ -287,9 +281,7 @@ def start_spec(cfg: DictConfig, task, device: torch.device) -> dict:
         "bf16": uses_bf16(device, cfg.train.precision),
         "threads": torch.get_num_threads(),
         "grad_checkpointing": cfg.train.grad_checkpointing,
-        "code": code_fingerprint(
-            (*START_CODE, task_cls.__module__, type(task).__module__), leaves=("bench.loops.train",)
-        ),
+        "code": code_fingerprint(),
     }
 
 
