@@ -11,6 +11,7 @@ import torch
 from conftest import LEXICON_FAST
 
 from bench.harness.runner import Cell, record_path, run_cell
+from bench.loops.callbacks import StopRun
 
 pytestmark = pytest.mark.slow
 
@@ -41,6 +42,21 @@ def test_end_to_end_tiny_model(tmp_path, method, extra):
     assert len(rec["samples"]["before"]) == len(rec["samples"]["after"]) == 4
     assert rec["timings"]["train_tokens_per_s"] > 0 and rec["timings"]["peak_memory_mb"]["rss"] > 0
     assert not (cell.run_dir(tmp_path) / "checkpoint.pt").exists()
+
+
+def test_every_evaluation_reaches_the_callback_and_a_stop_prunes_the_run(tmp_path):
+    cell = Cell("lexicon", "rebel", 0, LEXICON_FAST)
+    seen = []
+
+    def prune_at_4(iteration, scores):
+        seen.append((iteration, scores["val_worst_case"]))
+        if iteration == 4:
+            raise StopRun("pruned")
+
+    with pytest.raises(StopRun):
+        run_cell(cell, tmp_path, on_eval=prune_at_4)
+    assert [i for i, _ in seen] == [2, 4] and all(isinstance(v, float) for _, v in seen)
+    assert record(cell, tmp_path)["status"] == "pruned"
 
 
 def test_same_seed_same_numbers_and_micro_batching_matches(tmp_path):

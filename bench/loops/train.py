@@ -454,6 +454,8 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
             )
             if it == tc.iterations:  # the final evaluation: the same seed, so the same numbers
                 last = row, shown
+            if on_eval is not None:  # e.g. bench tune's pruner; StopRun from it ends the run
+                on_eval(it, row)
         progress["iteration"], progress["agg_state"] = it, agg_state
         stop = stop_requested() if size == 1 else any(gather_rows([stop_requested()]))
         periodic = tc.checkpoint_every and it % tc.checkpoint_every == 0
