@@ -50,7 +50,9 @@ class PerfConfig:
     models: tuple[tuple[str, int, int], ...] = (
         ("tiny", 64, 15),
         ("small", 16, 5),
+        ("small", 64, 3),
     )  # shape, pairs, repetitions
+    loop_max_activations: int = 2_000_000  # the per-sample W loop only below pairs x tokens x layers x width
     batch: int = 64
     prompt_len: int = 16
     response_len: int = 24
@@ -183,6 +185,9 @@ def bench_steps(cfg: PerfConfig) -> list[dict]:
                     "train_tokens_per_s": tokens / med[n],
                 }
             )
+        layers, width = SHAPES[name][:2]
+        if size * (cfg.prompt_len + cfg.response_len) * layers * width > cfg.loop_max_activations:
+            continue  # the loop keeps a double-backward graph per sample: minutes and tens of GB here
         loop_wasserstein_step(policy, opt, batch, 0.01, reference)  # warm-up
         loop = statistics.median(
             loop_wasserstein_step(policy, opt, batch, 0.01, reference) for _ in range(cfg.loop_reps)
@@ -265,7 +270,7 @@ def bench_generation(cfg: PerfConfig) -> list[dict]:
     from transformers import PreTrainedTokenizerFast
 
     rows = []
-    for name, _, _ in cfg.models:
+    for name in dict.fromkeys(n for n, _, _ in cfg.models):
         policy = build_model(name).eval()
         vocab = {f"w{i}": i for i in range(SHAPES[name][3])}
         tok = PreTrainedTokenizerFast(
