@@ -205,7 +205,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elsewhere = len(report.in_flight) + report.taken_elsewhere
     print(
         f"{ran} cells run, {len(report.skipped)} skipped (already completed)"
-        + (f", {elsewhere} left to the launcher already running them" if elsewhere else "")
+        + (f", {elsewhere} left to another launcher" if elsewhere else "")
         + f" in {wall:.1f} s on cluster={args.cluster}"
     )
     for err in report.job_errors:

@@ -34,7 +34,14 @@ import tasks
 from bench.core.artifacts import locked
 from bench.harness.plan import local_gpu, refuse_what_cannot_fit, sized_resources, slurm_gpu
 from bench.harness.records import read_json, write_json_atomic
-from bench.harness.runner import IN_FLIGHT_ELSEWHERE, Cell, live_owner, record_path, run_cells
+from bench.harness.runner import (
+    ALREADY_COMPLETED,
+    IN_FLIGHT_ELSEWHERE,
+    Cell,
+    live_owner,
+    record_path,
+    run_cells,
+)
 from bench.harness.sweep import SlurmConfig
 
 CLUSTERS = ("debug", "local", "slurm")
@@ -66,7 +73,7 @@ class LaunchReport:
     in_flight: list[Cell] = field(default_factory=list)
     job_ids: list[str] = field(default_factory=list)
     job_errors: list[str] = field(default_factory=list)
-    taken_elsewhere: int = 0  # submitted cells another live launcher was already running
+    taken_elsewhere: int = 0  # submitted cells another launcher was running or finished first
 
 
 def usable_cores() -> int:
@@ -306,7 +313,7 @@ def launch(
     for job in jobs:  # the debug executor runs a job when its result is asked for
         statuses, errors = _result(job)
         report.job_errors += errors
-        report.taken_elsewhere += statuses.count(IN_FLIGHT_ELSEWHERE)
+        report.taken_elsewhere += sum(s in (IN_FLIGHT_ELSEWHERE, ALREADY_COMPLETED) for s in statuses)
     return report
 
 

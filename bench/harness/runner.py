@@ -97,6 +97,7 @@ def record_header(cell: Cell, cfg: DictConfig) -> dict:
 
 IN_FLIGHT_ELSEWHERE = "in-flight"  # run_cell's status for a cell another live process owns
 INTERRUPTED = "interrupted"  # run_cells' status for a cell stopped (checkpointed) or not begun
+ALREADY_COMPLETED = "already-completed"  # run_cell's status for a cell another job finished first
 OWNER = ".owner"  # the per-cell lock file in the run folder
 
 
@@ -145,8 +146,9 @@ def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
     """Train and evaluate one cell; write ``record.json`` atomically; return the status.
 
     One cell, one owner (``cell_owner``): a cell that another live process is running is left to
-    it (status ``in-flight``), and one completed meanwhile is not trained again. ``on_eval(iteration,
-    scores)`` is called after every evaluation; if it raises ``StopRun`` the record says ``pruned``
+    it (status ``in-flight``), and one completed meanwhile is not trained again
+    (``already-completed``). ``on_eval(iteration, scores)`` is called after every evaluation; if it
+    raises ``StopRun`` the record says ``pruned``
     and the exception propagates.
     """
     cfg = cell.config()
@@ -156,7 +158,7 @@ def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
         if not owned:
             return IN_FLIGHT_ELSEWHERE
         if is_completed(cell, root):
-            return "completed"
+            return ALREADY_COMPLETED
         if cfg.train.nproc > 1:
             return launch_ranks(cell, Path(root), cfg.train.nproc)
         return _run_here(cell, Path(root), cfg, on_eval)
