@@ -6,6 +6,7 @@ Nothing here imports a model library beyond torch.
 
 from torch import Tensor
 
+from methods.diagnostics import weight_diagnostics
 from methods.objective import (
     GlobalWeights,
     GroupOptions,
@@ -65,4 +66,5 @@ __all__ = [
     "register_aggregator",
     "register_method",
     "robust_objective",
+    "weight_diagnostics",
 ]

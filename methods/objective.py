@@ -48,6 +48,8 @@ class GlobalWeights:
     value: Tensor  # the robust objective (detached)
     grad_scale: float | Tensor = 0.0  # Wasserstein: factor on sum_i g_i / N
     state: dict = field(default_factory=dict)  # aggregator state after this step (group alpha)
+    dual: float | None = None  # the optimal dual variable, for an aggregator that names one
+    penalty: Tensor | None = None  # Wasserstein: the penalty term of ``value`` (rho0·sqrt(G))
 
 
 def global_weights(
@@ -69,8 +71,8 @@ def global_weights(
     losses = losses.detach()
     n = losses.numel()
     if agg.kind == "weights":
-        p, value = agg.weights(losses, radius)
-        return GlobalWeights(p, value)
+        p, value, *dual = agg.weights(losses, radius)
+        return GlobalWeights(p, value, dual=dual[0] if agg.dual else None)
     if agg.kind == "group":
         if groups is None:
             raise ValueError(f"{method.name} needs a group id per sample")
@@ -86,9 +88,11 @@ def global_weights(
         big_g = grad_sq.detach().mean()
         if w_form == "sqrt_mean":
             root = torch.sqrt(big_g + SQRT_EPS)
-            return GlobalWeights(p, losses.mean() + radius * root, grad_scale=radius / (2 * root))
+            penalty = radius * root
+            return GlobalWeights(p, losses.mean() + penalty, grad_scale=radius / (2 * root), penalty=penalty)
         if w_form == "per_sample_sq":
-            return GlobalWeights(p, losses.mean() + radius * big_g, grad_scale=radius)
+            penalty = radius * big_g
+            return GlobalWeights(p, losses.mean() + penalty, grad_scale=radius, penalty=penalty)
         raise ValueError(f"unknown Wasserstein form {w_form!r}; known: sqrt_mean, per_sample_sq")
     raise ValueError(f"aggregator {agg.name!r} has unknown kind {agg.kind!r}")
 

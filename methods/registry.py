@@ -15,7 +15,7 @@ from torch import Tensor
 from bench.core.registry import Registry
 from methods import pointwise, robust
 
-WeightFn = Callable[[Tensor, float], tuple[Tensor, Tensor]]
+WeightFn = Callable[[Tensor, float], tuple]  # (weights, value) or (weights, value, dual)
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,8 @@ class Aggregator:
     """An ambiguity set. ``weights`` maps detached global losses to ``(p, value)``.
 
     ``kind`` is ``weights`` (any distribution-reweighting set), ``wasserstein`` (input-gradient
-    penalty, uniform weights) or ``group`` (stateful group weights).
+    penalty, uniform weights) or ``group`` (stateful group weights). An aggregator with a ``dual``
+    maps losses to ``(p, value, dual)``, the optimal dual variable (None where undefined).
     """
 
     name: str
@@ -56,6 +57,7 @@ class Aggregator:
     weights: WeightFn | None
     kind: str = "weights"
     description: str = ""
+    dual: str = ""  # the name of the dual variable ``weights`` returns third ("eta"), if any
 
 
 @dataclass(frozen=True)
@@ -111,12 +113,14 @@ LOSSES.add("bt", pointwise.bt_loss)
 
 
 def register_aggregator(
-    name: str, knob: Knob | None, kind: str = "weights", description: str = ""
+    name: str, knob: Knob | None, kind: str = "weights", description: str = "", dual: str = ""
 ) -> Callable[[WeightFn | None], WeightFn | None]:
-    """Decorator: register ``fn(losses, radius) -> (weights, value)`` as an ambiguity set."""
+    """Decorator: register ``fn(losses, radius) -> (weights, value)`` as an ambiguity set (with
+    ``dual`` naming it, ``fn`` returns ``(weights, value, dual)``)."""
 
     def register(fn: WeightFn | None) -> WeightFn | None:
-        AGGREGATORS.add(name, Aggregator(name, knob, fn, kind, description or (fn.__doc__ or "").strip()))
+        doc = description or (fn.__doc__ or "").strip()
+        AGGREGATORS.add(name, Aggregator(name, knob, fn, kind, doc, dual))
         return fn
 
     return register
@@ -143,12 +147,14 @@ register_aggregator(
     "kl-ball",
     Knob("eps", 0.01, 1e-4, 10.0, larger_is_more_robust=True),
     description="KL ball of radius eps, exact 1-D dual",
-)(robust.kl_constrained)
+    dual="lambda",
+)(robust.kl_ball_solve)
 register_aggregator(
     "chi2",
     Knob("rho", 0.01, 1e-4, 100.0, larger_is_more_robust=True),
     description="chi-square ball, exact O(n log n) dual",
-)(robust.chi2_weights)
+    dual="eta",
+)(robust.chi2_solve)
 register_aggregator(
     "tv",
     Knob("rho", 0.1, 1e-3, 1.0, larger_is_more_robust=True),

@@ -21,9 +21,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "chi2_solve",
     "chi2_weights",
     "group_step",
     "group_weights",
+    "kl_ball_solve",
     "kl_constrained",
     "kl_weights",
     "softmin_weights",
@@ -96,23 +98,33 @@ def softmin_weights(losses: Tensor, beta_prime: float, base: Tensor | None = Non
 
 
 def kl_constrained(losses: Tensor, radius: float, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``sup E_P[l]`` over ``KL(P||q) <= radius``.
+    """``sup E_P[l]`` over ``KL(P||q) <= radius``: ``(weights, value)`` of ``kl_ball_solve``."""
+    p, value, _ = kl_ball_solve(losses, radius, base)
+    return p, value
+
+
+def kl_ball_solve(
+    losses: Tensor, radius: float, base: Tensor | None = None
+) -> tuple[Tensor, Tensor, float | None]:
+    """``sup E_P[l]`` over ``KL(P||q) <= radius``: ``(weights, value, lam*)``.
 
     Dual: ``inf_{lam>0} lam·radius + lam·log E_q exp(l/lam)``; the worst case is ``p ∝ q·exp(t·l)``
     with ``t = 1/lam*`` the root of ``KL(p_t||q) = radius``. ``KL(p_t||q)`` increases from 0 at
     ``t = 0`` to ``-log q(argmax)`` as ``t -> inf``; at or beyond that radius the answer is the max.
-    The root is bracketed by doubling and bisected to machine precision.
+    The root is bracketed by doubling and bisected to machine precision. ``lam*`` is 0 when the
+    ball holds the max, None when the dual has no finite minimizer (radius 0, or equal losses).
     """
     x, q = _prepare(losses, base)
     radius = _check_radius("radius", radius)
     p_top = _on_max(x, q)
     kl_cap = -math.log(float(q[x == x.max()].sum()))
-    if radius >= kl_cap or float(x.max() - x.min()) == 0.0:
+    spread = float(x.max() - x.min())
+    if radius >= kl_cap or spread == 0.0:
         p = p_top if radius >= kl_cap else q
-        return _out(p, (p * x).sum(), losses)
+        return (*_out(p, (p * x).sum(), losses), 0.0 if radius >= kl_cap else None)
     if radius == 0.0:
-        return _out(q, (q * x).sum(), losses)
-    centred = (x - x.max()) / (x.max() - x.min())  # in [-1, 0]: t is on the scale of 1/spread
+        return (*_out(q, (q * x).sum(), losses), None)
+    centred = (x - x.max()) / spread  # in [-1, 0]: t is on the scale of 1/spread, lam = spread / t
 
     def tilt(t: float) -> tuple[Tensor, float]:
         logits = t * centred + torch.log(q)
@@ -134,11 +146,18 @@ def kl_constrained(losses: Tensor, radius: float, base: Tensor | None = None) ->
         if hi - lo <= 1e-15 * hi:
             break
     p = tilt(lo)[0]
-    return _out(p, (p * x).sum(), losses)
+    return (*_out(p, (p * x).sum(), losses), spread / lo if lo > 0 else None)
 
 
 def chi2_weights(losses: Tensor, rho: float, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``sup E_P[l]`` over ``0.5·E_q[(dP/dq - 1)^2] <= rho`` (Duchi & Namkoong), exactly.
+    """``sup E_P[l]`` over ``0.5·E_q[(dP/dq - 1)^2] <= rho``: ``(weights, value)`` of ``chi2_solve``."""
+    p, value, _ = chi2_solve(losses, rho, base)
+    return p, value
+
+
+def chi2_solve(losses: Tensor, rho: float, base: Tensor | None = None) -> tuple[Tensor, Tensor, float | None]:
+    """``sup E_P[l]`` over ``0.5·E_q[(dP/dq - 1)^2] <= rho`` (Duchi & Namkoong), exactly:
+    ``(weights, value, eta*)``, eta* None where the worst case is the mean (rho 0).
 
     Dual: ``inf_eta eta + C·sqrt(E_q (l - eta)_+^2)`` with ``C = sqrt(1 + 2 rho)``; worst case
     ``p ∝ q·(l - eta*)_+``. With losses sorted in decreasing order and the top-k set active,
@@ -151,7 +170,7 @@ def chi2_weights(losses: Tensor, rho: float, base: Tensor | None = None) -> tupl
     x, q = _prepare(losses, base)
     rho = _check_radius("rho", rho)
     if rho == 0.0:
-        return _out(q, (q * x).sum(), losses)
+        return (*_out(q, (q * x).sum(), losses), None)
     c2 = 1.0 + 2.0 * rho
     top = x.max()
     order = torch.argsort(x, descending=True)
@@ -169,12 +188,12 @@ def chi2_weights(losses: Tensor, rho: float, base: Tensor | None = None) -> tupl
     tol = 1e-9 * (xs[0] - xs[-1]).abs().clamp_min(1e-300)
     ok = feasible & (eta >= nxt - tol) & (eta <= xs + tol)
     if not bool(ok.any()):  # rho below float resolution (1 + 2 rho == 1): the mean
-        return _out(q, (q * x).sum(), losses)
+        return (*_out(q, (q * x).sum(), losses), None)
     k = int(torch.argmax(ok.to(torch.int8)))  # first k that satisfies the interval test
     value = top + mean[k] + std[k] * b[k]
     excess = (x - top - eta[k]).clamp_min(0.0) * q
     p = excess / excess.sum() if excess.sum() > 0 else _on_max(x, q)
-    return _out(p, value, losses)
+    return (*_out(p, value, losses), float(top + eta[k]))
 
 
 def tv_weights(losses: Tensor, rho: float, base: Tensor | None = None) -> tuple[Tensor, Tensor]:
