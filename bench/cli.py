@@ -56,6 +56,17 @@ def _seed_range(part: str, text: str) -> tuple[int, int]:
     return ends
 
 
+def positive_seconds(text: str) -> float:
+    """``--watch``: a refresh period in seconds, a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r}: a number of seconds > 0")
+    return value
+
+
 def workers_count(text: str) -> int:
     """``--workers``: 0 (one per core) or a positive number of parallel jobs."""
     try:
@@ -258,27 +269,82 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def duration(seconds: float | None) -> str:
+    """``1h02m``, ``3m05s``, ``42s``; ``-`` for None."""
+    if seconds is None:
+        return "-"
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def status_screen(root: Path, names: list[str]) -> tuple[str, bool]:
+    """The status of each sweep: counts, then a row per open cell with its live progress (from the
+    cell's ``metrics.jsonl``: iteration of the total, latest validation worst case, s/iteration,
+    ETA); and whether any cell is still running or pending."""
     from collections import Counter
 
     from tabulate import tabulate
 
-    from bench.harness.launch import sweep_status
+    from bench.harness.launch import sweep_cells
+    from bench.loops.monitor import progress
+
+    lines, open_cells = [], False
+    for name in names:
+        cells, status_of = sweep_cells(root, name)
+        # progress before status: a cell that moves on in between shows as finished, not as stale
+        rows = [(cell, live, *status_of(cell)) for cell in cells for live in [progress(cell.run_dir(root))]]
+        counts = Counter(status for _, _, status, _ in rows)
+        order = ("completed", "running", "pending", "failed", "missing")
+        lines.append(f"sweep {name}: " + ", ".join(f"{counts[s]} {s}" for s in order))
+        open_cells |= counts["running"] + counts["pending"] > 0
+        table = []
+        for cell, live, status, reason in rows:
+            if status == "completed":
+                continue
+            if live is None:
+                table.append([cell.label(), status, "", "", "", "", reason])
+                continue
+            worst = live["val_worst_case"]
+            table.append(
+                [
+                    cell.label(),
+                    status,
+                    f"{live['iteration']}/{live['iterations']}",
+                    "-" if worst is None else f"{worst:.4f} @{live['eval_iteration']}",
+                    "-" if live["s_per_iteration"] is None else f"{live['s_per_iteration']:.2f}",
+                    duration(live["eta_s"]) if status == "running" else "-",
+                    reason,
+                ]
+            )
+        if table:
+            header = ["cell", "status", "iteration", "val worst case", "s/it", "ETA", "reason"]
+            lines.append(tabulate(table, header))
+    return "\n".join(lines), open_cells
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
 
     root = Path(args.results)
     names = [args.sweep] if args.sweep else sorted(p.name for p in (root / ".sweeps").glob("*"))
     if not names:
         print(f"no launched sweeps under {root}")
         return 0
-    for name in names:
-        rows = sweep_status(root, name)
-        counts = Counter(status for _, status, _ in rows)
-        order = ("completed", "running", "pending", "failed", "missing")
-        print(f"sweep {name}: " + ", ".join(f"{counts[s]} {s}" for s in order))
-        open_rows = [[c.label(), s, reason] for c, s, reason in rows if s != "completed"]
-        if open_rows:
-            print(tabulate(open_rows, ["cell", "status", "reason"]))
-    return 0
+    while True:
+        screen, open_cells = status_screen(root, names)
+        if args.watch is None:
+            print(screen)
+            return 0
+        title = f"{time.strftime('%H:%M:%S')}  bench status --watch {args.watch:g} (Ctrl-C to leave)"
+        print(f"\x1b[H\x1b[2J{title}\n{screen}", flush=True)
+        if not open_cells:
+            return 0
+        try:
+            time.sleep(args.watch)
+        except KeyboardInterrupt:
+            return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
@@ -291,6 +357,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         TuneSpec,
         at_edge,
         check_space,
+        dashboard_command,
         load_space,
         run_studies,
         storage_url,
@@ -343,7 +410,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print(
             f"study {spec.study} ({spec.storage}): {len(result.table)} trials"
             + (f", {result.recovered} interrupted trials re-queued" if result.recovered else "")
-            + f", {result.ran} run now"
+            + f", {result.ran} run now; watch it with {dashboard_command(spec.storage)}"
         )
         if len(found) == 1:
             shown = result.table.rename(columns={"radius": knob.name} if knob else {}).dropna(
@@ -623,9 +690,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=cmd_tune)
 
-    p = sub.add_parser("status", help="per sweep: completed / running / pending / failed cells and why")
+    p = sub.add_parser(
+        "status", help="per sweep: completed / running / pending / failed cells, live progress and why"
+    )
     p.add_argument("--sweep", default=None)
     p.add_argument("--results", default="results")
+    p.add_argument(
+        "--watch",
+        type=positive_seconds,
+        nargs="?",
+        const=5.0,
+        default=None,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 5) until no cell is running or pending",
+    )
     p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser(

@@ -48,6 +48,11 @@ BAD = {
     "rebel-eta-negative": (["--methods", "rebel", "method.eta=-1"], None, ["method.eta", "> 0"]),
     "radius-on-method-without-it": (["--methods", "dpo", "method.rho=0.1"], None, ["method.rho", "chi2-dpo"]),
     "radii-without-robust-method": (["--methods", "dpo", "--radii", "0.1"], None, ["--radii", "chi2-dpo"]),
+    "tracker-unknown": (
+        ["--methods", "dpo", "train.report_to=[tensorbord]"],
+        None,
+        ["train.report_to", "tensorbord", "tensorboard, wandb"],
+    ),
 }
 TUNE_BAD = {
     "tune-seed-too-large": (["--tune-seed", "99999999999"], ["--tune-seed", "4294967"]),

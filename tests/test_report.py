@@ -62,6 +62,9 @@ def record(
             if curve
             else []
         )
+        rec["steps"] = [
+            {"iteration": i, "ess_frac": 1.0 if radius is None else 1 - i / 20} for i in range(1, 11)
+        ]
     else:
         rec["error"] = {"type": "ValueError", "message": "losses contain NaN", "traceback": ""}
     write_json_atomic(root / "linear" / method / chash / f"seed-{seed}" / "record.json", rec)
@@ -146,7 +149,7 @@ def test_figures_are_written(results):
     (report,) = write_reports(results, results / "out")
     names = {p.name for p in report.files}
     assert {"preference_shift.png", "preference_shift.pdf", "learning_curves.png", "kl_frontier.png"} <= names
-    assert "pairwise.png" in names
+    assert {"pairwise.png", "effective_sample_size.png"} <= names
     for path in report.files:
         if path.suffix == ".png":
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000

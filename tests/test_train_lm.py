@@ -12,6 +12,7 @@ from conftest import LEXICON_FAST
 
 from bench.harness.runner import Cell, record_path, run_cell
 from bench.loops.callbacks import StopRun
+from bench.loops.monitor import METRICS, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -114,6 +115,13 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path):
     assert resumed["metrics"] == whole["metrics"]
     assert resumed["curves"] == whole["curves"]
     assert resumed["samples"] == whole["samples"]
+    assert resumed["steps"] == whole["steps"] and [s["iteration"] for s in whole["steps"]] == list(
+        range(1, 13)
+    )
+    lines = read_metrics(cell.run_dir(root) / METRICS)  # one live file, each iteration exactly once
+    assert [e["iteration"] for e in lines if e["event"] == "iteration"] == list(range(1, 13))
+    assert [e["iteration"] for e in lines if e["event"] == "eval"] == [0, 4, 8, 12]
+    assert [e["resumed_at"] for e in lines if e["event"] == "start"] == [None, resumed["resumed_at"][0]]
 
 
 def test_offline_reference_data_is_computed_once_and_refused_when_stale(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import optuna
+import optuna_dashboard
 import pytest
 from optuna.trial import TrialState
 
@@ -52,6 +53,26 @@ def test_tuning_beats_the_untuned_default_when_the_default_is_bad(tmp_path):
     assert (tmp_path / "tune" / "s" / "history.png").exists()
     assert (tmp_path / "tune" / "s" / "objective_vs_radius.pdf").exists()
     assert not (tmp_path / "linear").exists(), "tuning trials never enter the leaderboard's folders"
+    # optuna-dashboard reads the study where it lives, and each trial links its run folder
+    app = optuna_dashboard.wsgi(storage_url("sqlite", tmp_path.resolve(), "s"))
+    (study,) = wsgi_get(app, "/api/studies")["studies"]
+    trials = wsgi_get(app, f"/api/studies/{study['study_id']}")["trials"]
+    assert study["study_name"] == "s" and len(trials) == 10
+    for trial in trials:
+        attrs = {a["key"]: a["value"] for a in trial["user_attrs"]}
+        assert (Path(attrs["run_dir"]) / "metrics.jsonl").exists()
+
+
+def wsgi_get(app, path: str) -> dict:
+    """GET ``path`` from a WSGI app in process (no server, no socket)."""
+    from wsgiref.util import setup_testing_defaults
+
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(app(environ, lambda code, headers, exc=None: status.append(code)))
+    assert status[0].startswith("200"), (path, status, body[:500])
+    return json.loads(body)
 
 
 def test_two_local_workers_share_one_study_without_losing_trials(tmp_path):

@@ -5,6 +5,7 @@
 * ``worst_vs_<axis>``: worst-case reward against the radius, the model size or the data scale,
   for whichever axes the records span, one line per method (and per context when several);
 * ``learning_curves``: worst-case test reward against the iteration;
+* ``effective_sample_size``: the robust weights' ESS / batch against the iteration, per method;
 * ``kl_frontier``: worst case against KL to the reference at every evaluation (equal regularization);
 * ``pairwise``: every pair's paired difference (row minus column) as a heatmap in rank order, with
   ``*`` where the Holm-adjusted p-value is below 0.05;
@@ -134,6 +135,34 @@ def learning_curves(records: list[dict], frame: pd.DataFrame, folder: Path) -> l
     return _save(fig, folder, "learning_curves")
 
 
+def effective_sample_size(records: list[dict], frame: pd.DataFrame, folder: Path) -> list[Path]:
+    """The robust weights' effective sample size as a share of the batch (``ess / N``, 1 for
+    uniform weights) against the iteration, one line per method (band: 95% CI over seeds and
+    configs): how hard each ambiguity set leans on few pairs as training goes."""
+    rows = [
+        {"method": rec["method"], "iteration": s["iteration"], "ess_frac": s["ess_frac"]}
+        for rec in records
+        if rec.get("status") == "completed"
+        for s in rec.get("steps") or []
+        if "ess_frac" in s
+    ]
+    if not rows:
+        return []
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    data = pd.DataFrame(rows)
+    sns.lineplot(
+        data=data, x="iteration", y="ess_frac", hue="method", style="method", errorbar=("ci", 95), ax=ax
+    )
+    ax.set(
+        xlabel="iteration",
+        ylabel="effective sample size / batch",
+        ylim=(0, 1.05),
+        title="effective sample size of the robust weights",
+    )
+    _legend_outside(ax)
+    return _save(fig, folder, "effective_sample_size")
+
+
 def frontier(frame: pd.DataFrame, folder: Path) -> list[Path]:
     """Worst case against KL to the reference, one point per evaluation of every record, one line
     per method (through its radii and evaluations): robustness at equal regularization."""
@@ -176,7 +205,8 @@ def task_figures(records: list[dict], frame: pd.DataFrame, folder: Path) -> list
     paths = preference_shift(done, frame, folder)
     for axis in ("radius_value", "size", "scale"):
         paths += versus(frame, folder, axis)
-    return paths + learning_curves(done, frame, folder) + frontier(frame, folder)
+    paths += learning_curves(done, frame, folder) + effective_sample_size(done, frame, folder)
+    return paths + frontier(frame, folder)
 
 
 def coverage_figure(root: Path, out: Path) -> list[Path]:

@@ -19,10 +19,11 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,8 +63,11 @@ class CellJob(Checkpointable):
     arguments; each cell then resumes from the checkpoint in its run folder (a plain
     ``scontrol requeue``, which restarts the job from scratch, resumes the same way)."""
 
+    def __init__(self, sweep: str = ""):
+        self.sweep = sweep  # the tracker runs' group
+
     def __call__(self, cells: list[Cell], root: str) -> list[str]:
-        return run_cells(cells, root)
+        return run_cells(cells, root, self.sweep)
 
 
 @dataclass
@@ -132,9 +136,24 @@ def cell_status(
             "failed",
             f"job {job['job_id']} vanished from SLURM without a record (cancelled before it started?)",
         )
+    if job and job["cluster"] == "local" and local_job_alive(job):
+        return "pending", f"queued in local job {job['job_id']}"
     if job:
         return "failed", f"job {job['job_id']} ({job['cluster']}) ended without a record"
     return "missing", "not submitted"
+
+
+def local_job_alive(job: dict) -> bool:
+    """Whether the local job (its id is its pid) still runs: on this host, a live process."""
+    if job.get("host", socket.gethostname()) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(job["job_id"]), 0)
+    except (ProcessLookupError, ValueError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _expand_array_id(job_id: str) -> list[str]:
@@ -285,16 +304,21 @@ def launch(
         jobs = []
         for lo in range(0, len(groups), limit):
             chunk = groups[lo : lo + limit]
-            jobs += executor.map_array(CellJob(), chunk, [str(root)] * len(chunk))
+            jobs += executor.map_array(CellJob(name), chunk, [str(root)] * len(chunk))
     else:
         n_jobs = 1 if cluster == "debug" else min(len(pending), workers or local_slots(pending, slots))
         groups = [pending[i::n_jobs] for i in range(n_jobs)]
         gpus = slots if cluster == "local" else []
         with ignore_sigint:
-            jobs = submit_groups(executor, CellJob(), groups, str(root), gpus, ranks_per_cell(pending))
+            jobs = submit_groups(executor, CellJob(name), groups, str(root), gpus, ranks_per_cell(pending))
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     mine = {
-        cell_key(cell, root): {"job_id": str(job.job_id), "cluster": cluster, "submitted": now}
+        cell_key(cell, root): {
+            "job_id": str(job.job_id),
+            "cluster": cluster,
+            "host": socket.gethostname(),
+            "submitted": now,
+        }
         for job, group in zip(jobs, groups, strict=True)
         for cell in group
     }
@@ -450,8 +474,9 @@ def _wait(jobs: list[submitit.Job], cells: list[Cell], root: Path, progress: boo
             time.sleep(0.25)
 
 
-def sweep_status(root: Path, name: str) -> list[tuple[Cell, str, str]]:
-    """Every cell of a launched sweep with its status and reason."""
+def sweep_cells(root: Path, name: str) -> tuple[list[Cell], Callable[[Cell], tuple[str, str]]]:
+    """A launched sweep's cells and a function giving each one's ``(status, reason)`` now (the
+    job registry and SLURM's states read once)."""
     root = Path(root).resolve()
     folder = root / ".sweeps" / name
     cells_file = folder / "cells.json"
@@ -463,4 +488,10 @@ def sweep_status(root: Path, name: str) -> list[tuple[Cell, str, str]]:
     cells = [Cell(c["task"], c["method"], c["seed"], tuple(c["overrides"])) for c in read_json(cells_file)]
     registry = load_registry(folder)
     states = slurm_states([v["job_id"] for v in registry.values() if v["cluster"] == "slurm"])
-    return [(c, *cell_status(c, root, registry, states)) for c in cells]
+    return cells, lambda cell: cell_status(cell, root, registry, states)
+
+
+def sweep_status(root: Path, name: str) -> list[tuple[Cell, str, str]]:
+    """Every cell of a launched sweep with its status and reason."""
+    cells, status = sweep_cells(root, name)
+    return [(c, *status(c)) for c in cells]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import hashlib
 import importlib
 import json
 import os
@@ -13,6 +14,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ import tasks
 from bench.harness.records import SCHEMA, environment, git_commit, read_json, write_json_atomic
 from bench.loops.callbacks import CHECKPOINT, Interrupted, OnEval, StopRun, stop_on_signals, stop_requested
 from bench.loops.config import build_config, config_hash, method_radius, to_dict
+from bench.loops.monitor import Monitor
 
 # The loop of each kind of task, imported when a cell runs (listing and planning stay cheap).
 TRAINERS = {
@@ -47,8 +50,13 @@ class Cell:
     def config(self) -> DictConfig:
         return build_config(self.task, self.method, self.overrides, self.seed)
 
+    @cached_property
+    def config_hash(self) -> str:
+        """``config_hash`` of the cell's config, computed once (building a config takes ~0.1 s)."""
+        return config_hash(self.config())
+
     def run_dir(self, root: Path) -> Path:
-        return Path(root) / self.task / self.method / config_hash(self.config()) / f"seed-{self.seed}"
+        return Path(root) / self.task / self.method / self.config_hash / f"seed-{self.seed}"
 
     def label(self) -> str:
         extra = f" {' '.join(self.overrides)}" if self.overrides else ""
@@ -142,29 +150,54 @@ def live_owner(run_dir: Path) -> dict | None:
         return None
 
 
-def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None) -> str:
+def run_cell(cell: Cell, root: Path, on_eval: OnEval | None = None, sweep: str = "") -> str:
     """Train and evaluate one cell; write ``record.json`` atomically; return the status.
 
     One cell, one owner (``cell_owner``): a cell that another live process is running is left to
     it (status ``in-flight``), and one completed meanwhile is not trained again
     (``already-completed``). ``on_eval(iteration, scores)`` is called after every evaluation; if it
     raises ``StopRun`` the record says ``pruned``
-    and the exception propagates.
+    and the exception propagates. ``sweep`` names the tracker runs' group.
     """
     cfg = cell.config()
     if cfg.train.nproc > 1 and in_rank_environment(cfg.train.nproc):
-        return _run_here(cell, Path(root), cfg, on_eval)  # one rank: its launcher owns the cell
+        return _run_here(cell, Path(root), cfg, on_eval, sweep)  # one rank: its launcher owns the cell
     with cell_owner(cell.run_dir(root)) as owned:
         if not owned:
             return IN_FLIGHT_ELSEWHERE
         if is_completed(cell, root):
             return ALREADY_COMPLETED
         if cfg.train.nproc > 1:
-            return launch_ranks(cell, Path(root), cfg.train.nproc)
-        return _run_here(cell, Path(root), cfg, on_eval)
+            return launch_ranks(cell, Path(root), cfg.train.nproc, sweep)
+        return _run_here(cell, Path(root), cfg, on_eval, sweep)
 
 
-def _run_here(cell: Cell, root: Path, cfg: DictConfig, on_eval: OnEval | None) -> str:
+def cell_monitor(cell: Cell, root: Path, cfg: DictConfig, sweep: str = "") -> Monitor:
+    """The cell's live metrics and its trackers (``train.report_to``): one tracker run per cell,
+    named by its label, grouped by sweep, tagged with method, task and radius, the config as its
+    hyperparameters, and an id that is the same when the cell resumes."""
+    run_dir, names = cell.run_dir(root), list(cfg.train.report_to)
+    run = None
+    if names:
+        from bench.loops.trackers import TrackerRun
+
+        knob = methods.get(cell.method).knob
+        radius = (f"radius:{knob.name}={method_radius(cfg):g}",) if knob else ()
+        run = TrackerRun(
+            run_dir=run_dir,
+            results_root=Path(root),
+            name=cell.label(),
+            run_id=hashlib.sha256(str(run_dir.relative_to(root)).encode()).hexdigest()[:32],
+            project=f"bench-{cell.task}",
+            group=sweep,
+            tags=(f"method:{cell.method}", f"task:{cell.task}", *radius, *cell.tags),
+            config=to_dict(cfg),
+            resume_step=None,
+        )
+    return Monitor(run_dir, names, run, rank=int(os.environ.get("RANK", "0")))
+
+
+def _run_here(cell: Cell, root: Path, cfg: DictConfig, on_eval: OnEval | None, sweep: str = "") -> str:
     """``run_cell``'s body in this process (or this rank): train, then write the record."""
     record = {
         **record_header(cell, cfg),
@@ -179,7 +212,8 @@ def _run_here(cell: Cell, root: Path, cfg: DictConfig, on_eval: OnEval | None) -
         spec = tasks.get(cell.task)
         module, attr = TRAINERS[spec.trainer].split(":")
         train = getattr(importlib.import_module(module), attr)
-        record.update(train(cfg, spec.build(cfg.task), cell.run_dir(root), on_eval=on_eval))
+        with cell_monitor(cell, root, cfg, sweep) as monitor:
+            record.update(train(cfg, spec.build(cfg.task), cell.run_dir(root), on_eval, monitor))
         record["status"] = "completed"
     except StopRun as stop:
         record.update(status="pruned", error={"type": "StopRun", "message": str(stop), "traceback": ""})
@@ -215,7 +249,7 @@ def in_rank_environment(nproc: int) -> bool:
     return False
 
 
-def launch_ranks(cell: Cell, root: Path, nproc: int) -> str:
+def launch_ranks(cell: Cell, root: Path, nproc: int, sweep: str = "") -> str:
     """Run ``cell`` as ``nproc`` local ranks through ``torch.distributed.run`` and wait; a run that
     dies without a record (a rank crashed or was killed) is recorded as failed with the ranks' log."""
     import socket
@@ -228,7 +262,14 @@ def launch_ranks(cell: Cell, root: Path, nproc: int) -> str:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     spec = json.dumps(
-        {"task": cell.task, "method": cell.method, "seed": cell.seed, "overrides": cell.overrides}
+        {
+            "task": cell.task,
+            "method": cell.method,
+            "seed": cell.seed,
+            "overrides": cell.overrides,
+            "tags": cell.tags,
+            "sweep": sweep,
+        }
     )
     cmd = [
         sys.executable,
@@ -266,7 +307,7 @@ def launch_ranks(cell: Cell, root: Path, nproc: int) -> str:
     return "failed"
 
 
-def run_cells(cells: list[Cell], root: str) -> list[str]:
+def run_cells(cells: list[Cell], root: str, sweep: str = "") -> list[str]:
     """A job's body: run its cells in order (the unit submitit schedules).
 
     A cell already completed is left alone (``run_cell``): a requeued job whose cell finished
@@ -277,7 +318,7 @@ def run_cells(cells: list[Cell], root: str) -> list[str]:
     with stop_on_signals():  # SIGINT/SIGTERM: the running cell checkpoints, the rest wait
         for cell in cells:
             try:
-                statuses.append(INTERRUPTED if stop_requested() else run_cell(cell, Path(root)))
+                statuses.append(INTERRUPTED if stop_requested() else run_cell(cell, Path(root), sweep=sweep))
             except Interrupted:
                 statuses.append(INTERRUPTED)
     return statuses
@@ -286,7 +327,8 @@ def run_cells(cells: list[Cell], root: str) -> list[str]:
 def main(argv: list[str]) -> None:
     """One rank of a ``train.nproc`` cell: ``python -m bench.harness.runner ROOT CELL_JSON``."""
     spec = json.loads(argv[1])
-    run_cell(Cell(spec["task"], spec["method"], spec["seed"], tuple(spec["overrides"])), Path(argv[0]))
+    cell = Cell(spec["task"], spec["method"], spec["seed"], tuple(spec["overrides"]), tuple(spec["tags"]))
+    run_cell(cell, Path(argv[0]), sweep=spec["sweep"])
 
 
 if __name__ == "__main__":

@@ -103,6 +103,14 @@ def storage_url(spec: str, results: Path, study: str) -> str:
     return spec
 
 
+def dashboard_command(url: str) -> str:
+    """The ``optuna-dashboard`` command that opens the study at storage ``url`` (a journal file is
+    given by its path, which the dashboard recognizes by its content)."""
+    import shlex
+
+    return f"optuna-dashboard {shlex.quote(url.removeprefix('journal:'))}"
+
+
 def check_rdb_url(url: str) -> None:
     """Raise ``ConfigError`` unless sqlalchemy has a dialect and driver for ``url`` (nothing connects)."""
     import sqlalchemy
@@ -220,7 +228,7 @@ def objective(spec: TuneSpec, trial: optuna.Trial) -> float:
 
     if not is_completed(cell, root):
         try:
-            run_cell(cell, root, on_eval=report)
+            run_cell(cell, root, on_eval=report, sweep=f"tune-{spec.study}")
         except StopRun:
             raise optuna.TrialPruned() from None
     rec = read_json(record_path(cell, root))

@@ -106,6 +106,8 @@ class TrainConfig:
     nproc: int = 1  # ranks of one cell (data parallel; torch.distributed.run locally, SLURM tasks)
     generator: str = "hf"  # training rollouts: hf (transformers generate, the reference) | vllm
     generator_options: dict[str, Any] = field(default_factory=dict)  # vllm: VLLMOptions fields
+    # experiment trackers (bench.loops.trackers): tensorboard, wandb, mlflow, trackio; not hashed
+    report_to: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -240,10 +242,23 @@ def build_config(
         raise ConfigError(f"train.generator={cfg.train.generator!r}; known: {', '.join(GENERATORS)}")
     if cfg.train.generator == "vllm" and nproc > 1:
         raise ConfigError("train.generator=vllm runs one rank per cell (train.nproc=1)")
+    check_report_to(list(cfg.train.report_to))
     if nproc > 1 and spec.trainer != "lm":
         raise ConfigError(f"train.nproc > 1 runs the language-model loop only; task {task} has none")
     spec.validate(cfg.task)
     return cfg
+
+
+def check_report_to(names: list[str]) -> None:
+    """Every tracker of ``train.report_to`` known and installed, else one line naming it."""
+    if not names:
+        return
+    from bench.loops.trackers import check_trackers
+
+    try:
+        check_trackers(names)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def logp_temperature(cfg: DictConfig, method: methods.Method) -> float:
@@ -274,9 +289,11 @@ def to_dict(cfg: DictConfig) -> dict:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """A stable 12-hex-digit hash of everything but the seed (cells differing only in seed share it)."""
+    """A stable 12-hex-digit hash of everything but the seed (cells differing only in seed share
+    it) and where a cell reports (``train.report_to``: switching a tracker on re-runs nothing)."""
     payload = to_dict(cfg)
     payload.pop("seed", None)
+    payload["train"].pop("report_to", None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

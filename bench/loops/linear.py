@@ -23,6 +23,7 @@ from bench.core.resources import loop_timings
 from bench.loops.callbacks import OnEval
 from bench.loops.config import loss_kwargs, method_radius
 from bench.loops.evaluate import mixture_scores
+from bench.loops.monitor import Monitor
 from methods import GroupOptions, Method, PairScores
 from methods.pointwise import preference_labels
 from tasks.linear import LinearTask
@@ -91,9 +92,16 @@ def evaluate(task: LinearTask, theta: Tensor, target: Tensor | None, seed: int) 
     return scores
 
 
-def train(cfg: DictConfig, task: LinearTask, run_dir: Path, on_eval: OnEval | None = None) -> dict:
-    """Train one cell; returns metrics (final and reference rows), curves and timings."""
-    del run_dir  # a cell takes seconds: it keeps no checkpoints
+def train(
+    cfg: DictConfig,
+    task: LinearTask,
+    run_dir: Path,
+    on_eval: OnEval | None = None,
+    monitor: Monitor | None = None,
+) -> dict:
+    """Train one cell (seconds: no checkpoints); returns metrics (final and reference rows), curves,
+    per-step diagnostics and timings, and writes the live metrics to ``monitor``."""
+    monitor = monitor or Monitor(run_dir)
     method = methods.get(cfg.method.name)
     radius = method_radius(cfg)
     hparams = loss_kwargs(cfg)
@@ -108,7 +116,10 @@ def train(cfg: DictConfig, task: LinearTask, run_dir: Path, on_eval: OnEval | No
     group_opts = GroupOptions(cfg.task.groups, cfg.method.group_update, shares)
     reference = evaluate(task, theta, target, cfg.seed)
     curves = [{"iteration": 0, **_curve_row(reference)}]
+    steps = []
     state: dict = {}
+    monitor.start(cfg.train.iterations)
+    monitor.evaluation(0, reference)
     start = time.perf_counter()
     for it in range(1, cfg.train.iterations + 1):
         idx = torch.randint(phi_all.shape[0], (cfg.train.batch_size,), generator=gen)
@@ -129,18 +140,24 @@ def train(cfg: DictConfig, task: LinearTask, run_dir: Path, on_eval: OnEval | No
         if cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_([theta], cfg.train.grad_clip)
         opt.step()
+        step = {"robust_value": float(stats.value), **methods.weight_diagnostics(method, stats)}
+        steps.append({"iteration": it, **step})
+        monitor.iteration(it, step)
         if it % cfg.train.eval_every == 0 or it == cfg.train.iterations:
             row = evaluate(task, theta, target, cfg.seed)
-            curves.append({"iteration": it, "robust_value": float(stats.value), **_curve_row(row)})
+            curves.append({"iteration": it, **step, **_curve_row(row)})
+            monitor.evaluation(it, row)
             if on_eval is not None:
                 on_eval(it, row)
     elapsed = time.perf_counter() - start
     final = evaluate(task, theta, target, cfg.seed)
+    monitor.finish(final)
     pairs = cfg.train.iterations * cfg.train.batch_size
     return {
         "metrics": final,
         "reference": reference,
         "curves": curves,
+        "steps": steps,
         "timings": loop_timings(elapsed, cfg.train.iterations, pairs),
         "theta": theta.detach().tolist(),
     }

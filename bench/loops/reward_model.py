@@ -26,6 +26,7 @@ import methods
 from bench.core.resources import loop_timings
 from bench.loops.callbacks import OnEval
 from bench.loops.config import method_radius
+from bench.loops.monitor import Monitor
 from bench.loops.train import PromptSampler, disable_dropout
 from methods import PairScores
 from methods.wasserstein import double_backprop_attention
@@ -105,7 +106,15 @@ def evaluate(
     }
 
 
-def train(cfg: DictConfig, task: PreferenceTask, run_dir: Path, on_eval: OnEval | None = None) -> dict:
+def train(
+    cfg: DictConfig,
+    task: PreferenceTask,
+    run_dir: Path,
+    on_eval: OnEval | None = None,
+    monitor: Monitor | None = None,
+) -> dict:
+    """Train one reward model (no checkpoints); live metrics to ``monitor``."""
+    monitor = monitor or Monitor(run_dir)
     method = methods.get(cfg.method.name)
     radius, tc = method_radius(cfg), cfg.train
     model, tok = load_reward_model(task.rm_base)
@@ -124,6 +133,9 @@ def train(cfg: DictConfig, task: PreferenceTask, run_dir: Path, on_eval: OnEval 
     wasserstein = method.aggregator.kind == "wasserstein"
     reference = evaluated()
     curves = [{"iteration": 0, **{k: reference[k] for k in ("worst_case", "mean_over_test", "train_reward")}}]
+    steps = []
+    monitor.start(tc.iterations)
+    monitor.evaluation(0, reference)
     start, pairs_seen = time.perf_counter(), 0
     for it in range(1, tc.iterations + 1):
         idx = torch.tensor(sampler.take(tc.batch_size))
@@ -147,19 +159,19 @@ def train(cfg: DictConfig, task: PreferenceTask, run_dir: Path, on_eval: OnEval 
             torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
         pairs_seen += len(idx)
+        step = {"robust_value": float(stats.value), **methods.weight_diagnostics(method, stats)}
+        steps.append({"iteration": it, **step})
+        monitor.iteration(it, step)
         if it % tc.eval_every == 0 or it == tc.iterations:
             row = evaluated()
-            curves.append(
-                {
-                    "iteration": it,
-                    "robust_value": float(stats.value),
-                    **{k: row[k] for k in ("worst_case", "mean_over_test", "train_reward")},
-                }
-            )
+            shown = {k: row[k] for k in ("worst_case", "mean_over_test", "train_reward")}
+            curves.append({"iteration": it, **step, **shown})
+            monitor.evaluation(it, row)
             if on_eval is not None:
                 on_eval(it, row)
     elapsed = time.perf_counter() - start
     final = evaluated()
+    monitor.finish(final)
     if tc.save_model:
         model.save_pretrained(Path(run_dir) / "policy")
         tok.save_pretrained(Path(run_dir) / "policy")
@@ -167,6 +179,7 @@ def train(cfg: DictConfig, task: PreferenceTask, run_dir: Path, on_eval: OnEval 
         "metrics": final,
         "reference": reference,
         "curves": curves,
+        "steps": steps,
         "timings": {**loop_timings(elapsed, tc.iterations, pairs_seen), "device": str(device)},
         "model": {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters())},
     }

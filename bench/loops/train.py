@@ -47,6 +47,7 @@ from bench.loops.capability import require_task_modules
 from bench.loops.config import loss_kwargs, method_radius, to_dict
 from bench.loops.distributed import broadcast_parameters, gather_rows, init_from_env, shard, sum_gradients
 from bench.loops.evaluate import HeadScaler, evaluate_lm, seeded_rng
+from bench.loops.monitor import Monitor
 from methods import GroupOptions, Method, PairScores
 from methods.pointwise import preference_labels
 from methods.wasserstein import double_backprop_attention
@@ -306,8 +307,11 @@ def start_scores(
     return HeadScaler(**start["scaler"]), start["reference"], start["samples_before"]
 
 
-def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -> dict:
-    """Train and evaluate one cell, resuming from ``run_dir/checkpoint.pt`` if one exists."""
+def train(
+    cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None, monitor: Monitor | None = None
+) -> dict:
+    """Train and evaluate one cell, resuming from ``run_dir/checkpoint.pt`` if one exists; live
+    metrics go to ``monitor`` (by default ``metrics.jsonl`` in ``run_dir`` only)."""
     method = methods.get(cfg.method.name)
     radius, hparams = method_radius(cfg), loss_kwargs(cfg)
     tc = cfg.train
@@ -322,6 +326,8 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
     # model only on rank 0 once torch.distributed is initialized.
     policy, tok = task.load_policy()
     rank, size = init_from_env(device.type)  # (0, 1) unless launched as train.nproc ranks
+    monitor = monitor or Monitor(run_dir)
+    monitor.rank = rank  # only rank 0 writes and logs
     if device.type == "cuda" and size > 1:
         device = torch.device("cuda", torch.cuda.current_device())
     if size > 1 and rank > 0:  # each rank samples its own responses; rank 0 keeps the seed's streams
@@ -390,11 +396,15 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
             "curves": [{"iteration": 0, **_curve_row(ref_row)}],
             "reference": ref_row,
             "samples_before": before,
+            "steps": [],
             "resumed_at": [],
             "timings": {"gen_s": 0.0, "gen_tokens": 0, "train_s": 0.0, "train_tokens": 0},
         }
     agg_state = progress.get("agg_state") or {}
     timing = progress["timings"]
+    monitor.start(tc.iterations, st["iteration"] if st is not None else None)
+    if st is None:
+        monitor.evaluation(0, progress["reference"])
     generator = None  # started after any resume, so that it holds the loaded weights
     if offline is None:
         options = OmegaConf.to_container(tc.generator_options, resolve=True)
@@ -435,23 +445,25 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
                 group_options=groups,
             )
         agg_state = stats.state or agg_state
+        step = {"robust_value": float(stats.value), **methods.weight_diagnostics(method, stats)}
         sum_gradients(policy)  # every rank now holds the global batch's gradient
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
+        t2 = time.perf_counter()
         timing["gen_s"] += t1 - t0
-        timing["train_s"] += time.perf_counter() - t1
+        timing["train_s"] += t2 - t1
         timing["train_tokens"] += batch.seqs.tokens
         if generator is not None:  # the next rollout samples the stepped weights (hf: nothing to do)
-            t2 = time.perf_counter()
             generator.sync(policy)
             timing["gen_s"] += time.perf_counter() - t2
+        progress["steps"].append({"iteration": it, **step})
+        monitor.iteration(it, {**step, "gen_s": t1 - t0, "train_s": t2 - t1})
         if it % tc.eval_every == 0 or it == tc.iterations:
             row, shown = evaluate(policy, scaler=scaler, iteration=it)
-            progress["curves"].append(
-                {"iteration": it, "robust_value": float(stats.value), **_curve_row(row)}
-            )
+            progress["curves"].append({"iteration": it, **step, **_curve_row(row)})
+            monitor.evaluation(it, row)
             if it == tc.iterations:  # the final evaluation: the same seed, so the same numbers
                 last = row, shown
             if on_eval is not None:  # e.g. bench tune's pruner; StopRun from it ends the run
@@ -484,6 +496,9 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
     final, after = last or evaluate(policy, scaler=scaler, iteration=tc.iterations)
     if generator is not None:
         generator.close()
+    monitor.table("samples/before", progress["samples_before"])
+    monitor.table("samples/after", after)
+    monitor.finish(final)
     per_rank = gather_rows([(timing["gen_tokens"], timing["train_tokens"], peak_memory_mb())])
     timing["gen_tokens"] = sum(g for g, _, _ in per_rank)  # the global batch's tokens
     timing["train_tokens"] = sum(t for _, t, _ in per_rank)
@@ -501,6 +516,7 @@ def train(cfg: DictConfig, task, run_dir: Path, on_eval: OnEval | None = None) -
         "metrics": final,
         "reference": progress["reference"],
         "curves": progress["curves"],
+        "steps": progress.get("steps", []),
         "samples": {"before": progress["samples_before"], "after": after},
         "resumed_at": progress["resumed_at"],
         "timings": {
