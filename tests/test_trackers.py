@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zlib
 from pathlib import Path
@@ -98,6 +99,8 @@ def wandb_records(path: Path):
             pos += block - pos % block
             continue
         crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written
+            return
         chunk = data[pos + 7 : pos + 7 + length]
         assert zlib.crc32(chunk, zlib.crc32(bytes([kind]))) == crc
         pos += 7 + length
@@ -110,8 +113,15 @@ def wandb_records(path: Path):
 
 
 def wandb_attempts(run: TrackerRun) -> list[list]:
-    """The records of each offline-run folder of the cell, oldest first."""
-    attempts = [list(wandb_records(p)) for p in (run.run_dir / "wandb").glob("offline-run-*/run-*.wandb")]
+    """The records of each offline-run folder of the cell, oldest first. ``run.finish()`` hands the
+    run's end to wandb's service process, which writes the file on its own time: this waits until
+    every file ends with the run's exit record."""
+    files = list((run.run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    for _ in range(300):
+        attempts = [list(wandb_records(path)) for path in files]
+        if all(records and records[-1].HasField("exit") for records in attempts):
+            break
+        time.sleep(0.1)
     return sorted(
         attempts, key=lambda records: [r.run.start_time.ToNanoseconds() for r in records if r.run.run_id]
     )

@@ -4,29 +4,26 @@ One small adapter per tracker behind the ``Tracker`` interface, registered in ``
 its code. Each one opens a run for one cell and writes offline by default; it goes online when the
 user configures the library through that library's own usual environment variables:
 
-=============  ==========================================  ============================================
-tracker        offline (default): where it writes          online: how the user switches it on
-=============  ==========================================  ============================================
-tensorboard    ``<run_dir>/tensorboard/`` (event files)    always local; ``tensorboard --logdir
-                                                           results`` serves it
-wandb          ``<run_dir>/wandb/offline-run-*/``, one     ``WANDB_MODE=online`` with the usual
-               folder per attempt; ``wandb sync`` later    credentials (``WANDB_API_KEY`` or ``wandb
-               uploads them as one run                     login``; ``WANDB_ENTITY``,
-                                                           ``WANDB_BASE_URL``)
-mlflow         SQLite store ``<results>/mlruns/mlflow.db``  ``MLFLOW_TRACKING_URI`` (a tracking
-               with artifacts in ``<results>/mlruns/       server; ``MLFLOW_TRACKING_TOKEN`` or
-               artifacts/``                                ``_USERNAME``/``_PASSWORD``)
-trackio        ``<results>/trackio/<project>.db`` unless   ``TRACKIO_SPACE_ID`` (a Hugging Face Space)
-               ``TRACKIO_DIR`` is set                      or ``TRACKIO_SERVER_URL`` (+
-                                                           ``TRACKIO_WRITE_TOKEN``)
-=============  ==========================================  ============================================
+- **tensorboard**: event files in ``<run_dir>/tensorboard/``; always local (``tensorboard --logdir
+  <results>`` serves every cell).
+- **wandb**: offline, a folder ``<run_dir>/wandb/offline-run-*/`` per attempt of the cell, which
+  ``wandb sync`` later uploads as one run; online with ``WANDB_MODE=online`` and W&B's usual
+  credentials and settings (``WANDB_API_KEY`` or ``wandb login``, ``WANDB_ENTITY``,
+  ``WANDB_BASE_URL``).
+- **mlflow**: offline, the SQLite store ``<results>/mlruns/mlflow.db`` with artifacts in
+  ``<results>/mlruns/artifacts/``; online with ``MLFLOW_TRACKING_URI`` (a tracking server, with
+  ``MLFLOW_TRACKING_TOKEN`` or ``MLFLOW_TRACKING_USERNAME``/``_PASSWORD``).
+- **trackio**: offline, ``<results>/trackio/<project>.db`` (or ``$TRACKIO_DIR`` when set); online
+  with ``TRACKIO_SPACE_ID`` (a Hugging Face Space, with the Hub token) or ``TRACKIO_SERVER_URL``
+  (a self-hosted server, with ``TRACKIO_WRITE_TOKEN``).
 
 A resumed cell (``resume_step`` set) continues the same tracker run. The steps after the
 checkpoint were logged once already by the interrupted attempt and are logged again:
 TensorBoard drops the old ones (a purge at ``resume_step + 1``); W&B keeps a run's history
-increasing, so it keeps the interrupted attempt's values up to the step it reached and takes the
-new ones after; MLflow and trackio cannot delete logged points, so their histories hold both
-values for those steps, the resumed attempt's last (a reader takes the last value per step).
+increasing (online, or at ``wandb sync`` of the offline folders, each of which holds one attempt's
+steps), so it keeps the interrupted attempt's values up to the step it reached and takes the new
+ones after; MLflow and trackio cannot delete logged points, so their histories hold both values
+for those steps, the resumed attempt's last (a reader takes the last value per step).
 
 ``open_trackers`` guards every adapter: a failure at run time (no network, bad credentials, a
 library exception) is one warning naming the tracker and the error, and turns that tracker off
