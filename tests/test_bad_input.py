@@ -51,7 +51,7 @@ BAD = {
     "tracker-unknown": (
         ["--methods", "dpo", "train.report_to=[tensorbord]"],
         None,
-        ["train.report_to", "tensorbord", "tensorboard, wandb"],
+        ["train.report_to", "tensorbord", "known: mlflow, tensorboard, trackio, wandb"],
     ),
 }
 TUNE_BAD = {

@@ -140,3 +140,41 @@ def test_bench_status_shows_a_running_cells_iteration_and_worst_case(tmp_path):
     assert int(at) in (int(it) - 1, int(it))  # the latest evaluation (the step's own may be on its way)
     written = [e for e in events(cell.run_dir(tmp_path), "eval") if e["iteration"] == int(at)]
     assert f"{written[0]['val_worst_case']:.4f}" == worst
+
+
+def tensorboard_scalars(run_dir: Path, key: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(key)]
+
+
+def test_a_cell_reports_to_its_trackers_one_run_named_grouped_and_tagged(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    overrides = ("train.iterations=12", "train.eval_every=4", "train.report_to=[tensorboard,mlflow]")
+    cell = Cell("linear", "chi2-rebel", 0, overrides)
+    assert run_cell(cell, tmp_path, sweep="grid-a") == "completed"
+    run_dir, rec = cell.run_dir(tmp_path), json.loads(record_path(cell, tmp_path).read_text())
+    ess = [(s["iteration"], s["ess"]) for s in rec["steps"]]
+    assert [(k, pytest.approx(v)) for k, v in tensorboard_scalars(run_dir, "train/ess")] == ess
+    worst = [(c["iteration"], c["worst_case"]) for c in rec["curves"]]
+    assert [(k, pytest.approx(v)) for k, v in tensorboard_scalars(run_dir, "eval/worst_case")] == worst
+    assert tensorboard_scalars(run_dir, "summary/worst_case")[0][1] == pytest.approx(
+        rec["metrics"]["worst_case"]
+    )
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bench-linear").experiment_id])
+    assert run.info.run_name == cell.label() and run.data.tags["group"] == "grid-a"
+    assert {"method", "task", "radius"} <= run.data.tags.keys() and run.data.tags["method"] == "chi2-rebel"
+    assert run.data.params["method.rho"] == str(rec["config"]["method"]["rho"])
+    history = client.get_metric_history(run.info.run_id, "train/dual_eta")
+    assert [(m.step, pytest.approx(m.value)) for m in history] == [
+        (s["iteration"], s["dual_eta"]) for s in rec["steps"]
+    ]
+    assert run.data.metrics["summary/worst_case"] == pytest.approx(rec["metrics"]["worst_case"])
+    # switching a tracker on never re-runs a completed cell: the same run folder, already complete
+    assert cell.run_dir(tmp_path) == Cell("linear", "chi2-rebel", 0, overrides[:2]).run_dir(tmp_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import LEXICON_FAST
+from test_live_metrics import tensorboard_scalars
 
 from bench.harness.runner import Cell, record_path, run_cell
 from bench.loops.callbacks import StopRun
@@ -74,6 +75,7 @@ def test_same_seed_same_numbers_and_micro_batching_matches(tmp_path):
 
 def test_killed_run_resumes_with_identical_metrics(tmp_path):
     overrides = (*LEXICON_FAST, "train.iterations=12", "train.eval_every=4", "train.checkpoint_every=1")
+    overrides = (*overrides, "train.report_to=[tensorboard]")
     cell = Cell("lexicon", "chi2-rebel", 0, overrides)
     run_cell(cell, tmp_path / "whole")
     whole = record(cell, tmp_path / "whole")
@@ -122,6 +124,11 @@ def test_killed_run_resumes_with_identical_metrics(tmp_path):
     assert [e["iteration"] for e in lines if e["event"] == "iteration"] == list(range(1, 13))
     assert [e["iteration"] for e in lines if e["event"] == "eval"] == [0, 4, 8, 12]
     assert [e["resumed_at"] for e in lines if e["event"] == "start"] == [None, resumed["resumed_at"][0]]
+    # the same tracker run continues: TensorBoard drops the steps after the checkpoint, then logs them anew
+    logged = tensorboard_scalars(cell.run_dir(root), "train/robust_value")
+    assert [(k, pytest.approx(v)) for k, v in logged] == [
+        (s["iteration"], s["robust_value"]) for s in whole["steps"]
+    ]
 
 
 def test_offline_reference_data_is_computed_once_and_refused_when_stale(tmp_path, monkeypatch):

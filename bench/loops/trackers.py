@@ -187,6 +187,18 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
+def after_earlier_files(folder: Path) -> None:
+    """Wait (under a second) until a new event file would sort after every one in ``folder``.
+    TensorBoard reads a folder's files in name order, ``events.out.tfevents.<unix second>.<host>.
+    <pid>...``: an attempt that starts within the second of the one before could sort first
+    (a lower pid), and the earlier attempt's purge would then drop the new steps."""
+    seconds = [
+        int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*") if p.name.count(".") >= 4
+    ]
+    while seconds and time.time() < max(seconds) + 1:
+        time.sleep(0.05)
+
+
 @register("tensorboard", "tensorboard")
 class TensorBoardTracker:
     """Event files in ``run_dir/tensorboard`` through torch's ``SummaryWriter``: scalars under their
@@ -203,7 +215,9 @@ class TensorBoardTracker:
         self._config = run.config
         self._step = run.resume_step or 0
         purge = 0 if run.resume_step is None else run.resume_step + 1
-        self._writer = SummaryWriter(log_dir=str(run.run_dir / "tensorboard"), purge_step=purge)
+        folder = run.run_dir / "tensorboard"
+        after_earlier_files(folder)
+        self._writer = SummaryWriter(log_dir=str(folder), purge_step=purge)
         if run.resume_step is None:
             config = json.dumps(run.config, indent=2, default=str)
             self._writer.add_text("config", f"```json\n{config}\n```", 0)
