@@ -192,9 +192,8 @@ def after_earlier_files(folder: Path) -> None:
     TensorBoard reads a folder's files in name order, ``events.out.tfevents.<unix second>.<host>.
     <pid>...``: an attempt that starts within the second of the one before could sort first
     (a lower pid), and the earlier attempt's purge would then drop the new steps."""
-    seconds = [
-        int(p.name.split(".")[3]) for p in folder.glob("events.out.tfevents.*") if p.name.count(".") >= 4
-    ]
+    names = [p.name.split(".") for p in folder.glob("events.out.tfevents.*")]
+    seconds = [int(parts[3]) for parts in names if len(parts) > 3 and parts[3].isdigit()]
     while seconds and time.time() < max(seconds) + 1:
         time.sleep(0.05)
 
