@@ -18,6 +18,7 @@ from conftest import LEXICON_FAST
 
 from bench.harness.runner import Cell, record_path, run_cell
 from bench.loops.distributed import shard
+from bench.loops.monitor import METRICS, read_metrics
 from bench.loops.train import disable_dropout
 from tasks.lexicon.presets import ensure_preset, load_policy
 
@@ -111,8 +112,12 @@ def test_a_two_rank_cell_killed_mid_run_resumes_exactly(tmp_path):
     assert run_cell(cell, root) == "completed"
     resumed = json.loads(record_path(cell, root).read_text())
     assert resumed["resumed_at"] and resumed["resumed_at"][0] >= 3
-    for key in ("curves", "samples", "metrics"):
+    for key in ("curves", "samples", "metrics", "steps"):
         assert resumed[key] == straight[key], (key, resumed["resumed_at"])
+    # rank 0 alone writes the live metrics, each iteration once; the ESS is over the global batch
+    lines = read_metrics(cell.run_dir(root) / METRICS)
+    assert [e["iteration"] for e in lines if e["event"] == "iteration"] == list(range(1, 7))
+    assert all(e["ess"] == pytest.approx(6) for e in lines if e["event"] == "iteration")  # 6 pairs, 3 a rank
 
 
 def test_a_two_rank_cell_as_two_slurm_tasks(tmp_path):

@@ -178,3 +178,33 @@ def test_a_cell_reports_to_its_trackers_one_run_named_grouped_and_tagged(tmp_pat
     assert run.data.metrics["summary/worst_case"] == pytest.approx(rec["metrics"]["worst_case"])
     # switching a tracker on never re-runs a completed cell: the same run folder, already complete
     assert cell.run_dir(tmp_path) == Cell("linear", "chi2-rebel", 0, overrides[:2]).run_dir(tmp_path)
+
+
+def test_watch_leaves_once_nothing_runs(tmp_path, capsys):
+    results = str(tmp_path)
+    assert (
+        main(
+            [
+                "run",
+                "--task",
+                "linear",
+                "--methods",
+                "rebel",
+                "--cluster",
+                "debug",
+                "--results",
+                results,
+                "--quiet",
+                "train.iterations=5",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert main(["status", "--results", results, "--watch", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        out.startswith("\x1b[H\x1b[2J")
+        and "bench status --watch 0.1" in out
+        and "1 completed, 0 running" in out
+    )
