@@ -55,7 +55,7 @@ def test_tuning_beats_the_untuned_default_when_the_default_is_bad(tmp_path):
     assert not (tmp_path / "linear").exists(), "tuning trials never enter the leaderboard's folders"
     # optuna-dashboard reads the study where it lives, and each trial links its run folder
     app = optuna_dashboard.wsgi(storage_url("sqlite", tmp_path.resolve(), "s"))
-    (study,) = wsgi_get(app, "/api/studies")["studies"]
+    (study,) = wsgi_get(app, "/api/studies")["study_summaries"]
     trials = wsgi_get(app, f"/api/studies/{study['study_id']}")["trials"]
     assert study["study_name"] == "s" and len(trials) == 10
     for trial in trials:
