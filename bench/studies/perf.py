@@ -6,7 +6,10 @@
    step of ``bench.loops.train``: the frozen reference's forward for the anchors, the losses, the
    robust objective and its backward, gradient clipping and the optimizer step. The batched
    Wasserstein penalty is set against a per-sample ``autograd.grad`` loop (the official
-   implementation's pattern), each with a warm-up and the median of its rounds.
+   implementation's pattern, exact but backpropagated a few samples at a time to bound memory: see
+   ``loop_wasserstein_backward``), each with a warm-up and the median of its rounds. Where ``trl``
+   is installed, TRL's ``DPOTrainer`` step (``TrlDpo``) is one more arm of bench's ``dpo`` rounds,
+   on copies of the same models and the same pair batch: bench dpo / TRL DPO per shape.
 2. The exact dual solvers against n (1e3 .. 1e6) and the official O(n^2) chi-square candidate
    search (up to 1e5; it does not finish at 1e6), with the fitted log-log slope. The official
    search is timed with Python's garbage collector paused: its loop over a tensor creates a
