@@ -6,7 +6,10 @@
    step of ``bench.loops.train``: the frozen reference's forward for the anchors, the losses, the
    robust objective and its backward, gradient clipping and the optimizer step. The batched
    Wasserstein penalty is set against a per-sample ``autograd.grad`` loop (the official
-   implementation's pattern), each with a warm-up and the median of its rounds.
+   implementation's pattern, exact but backpropagated a few samples at a time to bound memory: see
+   ``loop_wasserstein_backward``), each with a warm-up and the median of its rounds. Where ``trl``
+   is installed, TRL's ``DPOTrainer`` step (``TrlDpo``) is one more arm of bench's ``dpo`` rounds,
+   on copies of the same models and the same pair batch: bench dpo / TRL DPO per shape.
 2. The exact dual solvers against n (1e3 .. 1e6) and the official O(n^2) chi-square candidate
    search (up to 1e5; it does not finish at 1e6), with the fitted log-log slope. The official
    search is timed with Python's garbage collector paused: its loop over a tensor creates a
@@ -21,6 +24,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import math
 import platform
@@ -38,7 +42,7 @@ from bench.core.lm import Sampling, SequenceBatch, sample
 from bench.core.resources import peak_memory_mb
 from bench.harness.records import write_json_atomic
 from methods.robust import chi2_weights, kl_constrained, tv_weights
-from methods.wasserstein import double_backprop_attention
+from methods.wasserstein import SQRT_EPS, double_backprop_attention
 
 SHAPES = {"tiny": (2, 64, 2, 2048), "small": (6, 256, 8, 8000)}  # layers, width, heads, vocab
 POLICY_LOSSES = ("rebel", "dpo", "ipo")  # the bt family trains reward models, measured elsewhere
@@ -53,6 +57,8 @@ class PerfConfig:
         ("small", 64, 3),
     )  # shape, pairs, repetitions
     loop_max_activations: int = 2_000_000  # the per-sample W loop only below pairs x tokens x layers x width
+    loop_chunk_activations: int = 2_000_000  # its graphs held at once (memory): 6 samples at tiny/64
+    trl: bool = True  # the TRL DPOTrainer arm, where trl is installed
     batch: int = 64
     prompt_len: int = 16
     response_len: int = 24
@@ -127,71 +133,288 @@ def step(policy, opt, method, batch, radius: float, reference=None) -> float:
     return time.perf_counter() - start
 
 
-def loop_wasserstein_step(policy, opt, batch, rho0: float, reference=None) -> float:
-    """W-REBEL as the official code computes it: one double-backward ``autograd.grad`` per sample
-    (with the same anchor forward, clipping and optimizer step as ``step``)."""
-    from bench.core.lm import chunked_logps
+def loop_wasserstein_backward(
+    policy, batch, rho0: float, chunk: int = 0, timings: dict | None = None
+) -> torch.Tensor:
+    """W-REBEL's gradient as the official code computes it: one double-backward ``autograd.grad``
+    per sample over the batched forward (``create_graph=True``); fills ``.grad``; returns the
+    objective ``mean(l) + rho0·sqrt(mean_i ||d l_i / d z||^2 + eps)``.
 
-    method = methods.get("w-rebel")
-    start = time.perf_counter()
-    if reference is not None:
-        batch.anchor = chunked_logps(reference, batch.seqs, 1.0).view(2, -1).T
-    opt.zero_grad(set_to_none=True)
-    seqs = batch.rows(torch.arange(batch.m))
-    embeds = policy.get_input_embeddings()(seqs.input_ids)
+    ``chunk`` (0 or >= the batch: the official single pass) bounds memory. The official loop keeps
+    every sample's double-backward graph until one final backward (its memory grows as the square
+    of the batch: 10 GB at tiny/64). Here the graphs of ``chunk`` samples at a time are
+    backpropagated and freed: ``.grad`` first collects ``(1/n)·sum_i d G_i / d theta``
+    (``G_i = ||d l_i / d z||^2``), then is multiplied by the sqrt's chain-rule coefficient
+    ``rho0 / (2·sqrt(mean G + eps))`` once every ``G_i`` is known, then the mean loss's backward adds
+    ``(1/n)·sum_i d l_i / d theta``: the same gradient, exactly (up to summation order), as the
+    single pass and the batched W step. It does the same n per-sample double backwards; the cost
+    it adds is ``ceil(n / chunk) - 1`` extra backward passes through the (first-order) forward
+    graph, where the official final backward makes one, and a scaling of ``.grad``; ``timings``
+    (when given) receives the seconds of the last of those passes (``loss_backward_s``), from which
+    ``bench_steps`` estimates what the chunking adds.
+    """
     from bench.core.lm import sequence_logps
 
+    method = methods.get("w-rebel")
+    n = batch.m
+    chunk = n if chunk <= 0 else min(chunk, n)
+    seqs = batch.rows(torch.arange(n))
+    embeds = policy.get_input_embeddings()(seqs.input_ids)
     with double_backprop_attention():
         logps = sequence_logps(policy, seqs, 1.0, inputs_embeds=embeds)
     scores = methods.PairScores(logps.view(2, -1).T, batch.anchor, batch.rewards, batch.pref)
     losses = methods.pointwise_losses(method, scores, eta=0.01)
-    norms = []
-    for i in range(batch.m):
-        (g,) = torch.autograd.grad(losses[i], embeds, create_graph=True, retain_graph=True)
-        norms.append(g[i].pow(2).sum() + g[i + batch.m].pow(2).sum())
-    (losses.mean() + rho0 * torch.sqrt(torch.stack(norms).mean() + 1e-12)).backward()
+    if chunk == n:  # the official single pass: every graph kept until the one backward
+        norms = []
+        for i in range(n):
+            (g,) = torch.autograd.grad(losses[i], embeds, create_graph=True, retain_graph=True)
+            norms.append(g[i].pow(2).sum() + g[i + n].pow(2).sum())
+        objective = losses.mean() + rho0 * torch.sqrt(torch.stack(norms).mean() + SQRT_EPS)
+        objective.backward()
+        return objective.detach()
+    params = [q for q in policy.parameters() if q.requires_grad]
+    values = []
+    for lo in range(0, n, chunk):
+        norms = []
+        for i in range(lo, min(lo + chunk, n)):
+            (g,) = torch.autograd.grad(losses[i], embeds, create_graph=True, retain_graph=True)
+            norms.append(g[i].pow(2).sum() + g[i + n].pow(2).sum())
+        block = torch.stack(norms)
+        (block.sum() / n).backward(retain_graph=True)  # frees this block's double-backward graphs
+        values.append(block.detach())
+    mean_g = torch.cat(values).mean()
+    root = torch.sqrt(mean_g + SQRT_EPS)
+    coeff = rho0 / (2 * root)
+    for q in params:
+        if q.grad is not None:
+            q.grad.mul_(coeff)
+    start = time.perf_counter()
+    losses.mean().backward()
+    if timings is not None:
+        timings["loss_backward_s"] = time.perf_counter() - start
+    return losses.detach().mean() + rho0 * root
+
+
+def loop_wasserstein_step(
+    policy, opt, batch, rho0: float, reference=None, chunk: int = 0, timings: dict | None = None
+) -> float:
+    """W-REBEL with the official per-sample loop (``loop_wasserstein_backward``), with the same
+    anchor forward, clipping and optimizer step as ``step``; seconds."""
+    from bench.core.lm import chunked_logps
+
+    start = time.perf_counter()
+    if reference is not None:
+        batch.anchor = chunked_logps(reference, batch.seqs, 1.0).view(2, -1).T
+    opt.zero_grad(set_to_none=True)
+    loop_wasserstein_backward(policy, batch, rho0, chunk, timings)
     torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
     opt.step()
     return time.perf_counter() - start
 
 
-def bench_steps(cfg: PerfConfig) -> list[dict]:
+def trl_missing() -> str | None:
+    """Why the TRL arm cannot run here (None when ``trl`` imports)."""
+    try:
+        import trl
+    except ImportError as err:
+        return f"trl is not installed ({err}); pip install -c constraints.txt -e '.[trl]'"
+    return None if hasattr(trl, "DPOTrainer") else f"trl {trl.__version__} has no DPOTrainer"
+
+
+def _word_tokenizer(vocab: int):
+    """A word-level tokenizer with one token per id (``w<id>``), eos and pad ``w0``."""
+    from tokenizers import Tokenizer
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab)}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(tok_models.WordLevel(words, unk_token="w1")),
+        eos_token="w0",
+        pad_token="w0",
+    )
+
+
+class TrlDpo:
+    """TRL's ``DPOTrainer`` (sigmoid loss, beta 0.1) on a copy of the policy and of the reference,
+    fed the token ids of ``batch`` (hard labels: the first response is the chosen one where
+    ``pref`` is 1), collated once by TRL's ``DataCollatorForPreference``.
+
+    One step is ``trainer.training_step`` (TRL's ``compute_loss``: its fused LM head over the policy,
+    the reference forward, the loss and its logged metrics; then the backward through accelerate),
+    clipping at norm 1 and the step of a ``torch.optim.AdamW(lr=1e-5)`` the trainer holds: what
+    ``step`` times for bench's ``dpo``, in fp32 like it (TRL's defaults bf16 and gradient
+    checkpointing are turned off), on the CPU with padding-free off and a reference model (bench
+    computes the anchors with its reference every step too).
+    """
+
+    def __init__(self, policy, reference, batch, prompt_len: int, beta: float = 0.1):
+        import tempfile
+        import warnings
+
+        import datasets
+        from trl import DPOConfig, DPOTrainer
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        self.policy = copy.deepcopy(policy)
+        self.reference = copy.deepcopy(reference)  # TRL patches the forward of both models
+        self.opt = torch.optim.AdamW(self.policy.parameters(), lr=1e-5)
+        self._dir = tempfile.TemporaryDirectory(prefix="bench-perf-trl-")
+        threads = torch.get_num_threads()
+        bars = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # gradient_checkpointing's new name
+                args = DPOConfig(
+                    output_dir=self._dir.name,
+                    beta=beta,
+                    loss_type=["sigmoid"],
+                    gradient_checkpointing=False,
+                    bf16=False,
+                    use_cpu=True,
+                    padding_free=False,
+                    precompute_ref_log_probs=False,
+                    max_length=None,
+                    report_to="none",
+                    disable_tqdm=True,
+                )
+                # the trainer needs a dataset to build; the timed batch is collated below
+                tiny = datasets.Dataset.from_dict(
+                    {"prompt": ["w2 w3"], "chosen": [" w4"], "rejected": [" w5"]}
+                )
+                self.trainer = DPOTrainer(
+                    model=self.policy,
+                    ref_model=self.reference,
+                    args=args,
+                    train_dataset=tiny,
+                    processing_class=_word_tokenizer(policy.config.vocab_size),
+                    optimizers=(self.opt, None),
+                )
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
+            torch.set_num_threads(threads)
+        self.trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop
+        self.inputs = DataCollatorForPreference(pad_token_id=0)(trl_examples(batch, prompt_len))
+
+    def loss(self) -> torch.Tensor:
+        """TRL's DPO loss of the batch (no backward)."""
+        self.policy.train()
+        with torch.no_grad():
+            return self.trainer.compute_loss(self.policy, self.inputs)
+
+    def step(self) -> float:
+        start = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        self.trainer.training_step(self.policy, self.inputs)
+        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), 1.0)
+        self.opt.step()
+        return time.perf_counter() - start
+
+
+def trl_examples(batch, prompt_len: int) -> list[dict]:
+    """``batch``'s pairs as TRL's tokenized preference examples (chosen: the preferred response)."""
+    ids, m = batch.seqs.input_ids, batch.m
+    if not bool(((batch.pref == 0) | (batch.pref == 1)).all()):
+        raise ValueError("TRL's DPO takes hard labels; this batch has soft ones")
+    out = []
+    for i in range(m):
+        chosen, rejected = (i, i + m) if float(batch.pref[i]) == 1.0 else (i + m, i)
+        out.append(
+            {
+                "prompt_ids": ids[i, :prompt_len].tolist(),
+                "chosen_ids": ids[chosen, prompt_len:].tolist(),
+                "rejected_ids": ids[rejected, prompt_len:].tolist(),
+            }
+        )
+    return out
+
+
+def bench_dpo_loss(policy, reference, batch, beta: float = 0.1) -> torch.Tensor:
+    """bench's DPO loss of ``batch`` (the mean of ``dpo_loss`` with the reference's anchors)."""
+    from bench.core.lm import chunked_logps
+
+    batch.anchor = chunked_logps(reference, batch.seqs, 1.0).view(2, -1).T
+    with torch.no_grad():
+        losses, _ = batch.losses(policy, methods.get("dpo"), {"beta": beta}, 1.0, torch.arange(batch.m))
+    return losses.mean()
+
+
+def loop_chunk(cfg: PerfConfig, name: str, size: int) -> int:
+    """Samples whose double-backward graphs the per-sample loop holds at once (see
+    ``loop_wasserstein_backward``): ``loop_chunk_activations`` over pairs x tokens x layers x width."""
+    layers, width = SHAPES[name][:2]
+    return max(1, cfg.loop_chunk_activations // (size * (cfg.prompt_len + cfg.response_len) * layers * width))
+
+
+TRL_ARM = "dpo (TRL DPOTrainer)"
+
+
+def bench_steps(cfg: PerfConfig) -> tuple[list[dict], dict]:
+    """The step rows, and the TRL arm's record (its version and loss check, or why it was skipped)."""
     rows = []
+    missing = trl_missing() if cfg.trl else "turned off (PerfConfig.trl)"
+    trl_info: dict = {"skipped": missing, "loss_check": []}
+    if missing is None:
+        import trl
+
+        trl_info["version"] = trl.__version__
     for name, size, reps in cfg.models:
         policy = build_model(name)
         reference = copy.deepcopy(policy).eval().requires_grad_(False)
         opt = torch.optim.AdamW(policy.parameters(), lr=1e-5)
         batch = pair_batch(SHAPES[name][3], replace(cfg, batch=size))
         names = [n for n in methods.names() if methods.get(n).loss in POLICY_LOSSES]
-        times = {n: [] for n in names}
-        for n in names:  # warm-up
-            step(policy, opt, methods.get(n), batch, _radius(n), reference)
-        for rep in range(reps):  # a fresh random order each round: no method always runs first
-            order = list(names)
+        arms = {
+            n: functools.partial(step, policy, opt, methods.get(n), batch, _radius(n), reference)
+            for n in names
+        }
+        if missing is None:
+            theirs = TrlDpo(policy, reference, batch, cfg.prompt_len)
+            arms[TRL_ARM] = theirs.step
+        times = {n: [] for n in arms}
+        for n in arms:  # warm-up
+            arms[n]()
+        for rep in range(reps):  # a fresh random order each round: no arm always runs first
+            order = list(arms)
             random.Random(rep).shuffle(order)
             for n in order:
-                times[n].append(step(policy, opt, methods.get(n), batch, _radius(n), reference))
+                times[n].append(arms[n]())
         med = {n: statistics.median(v) for n, v in times.items()}
-        tokens = int(batch.seqs.attention_mask.sum())
-        for n in names:
-            base = methods.get(n).base
-            rows.append(
-                {
-                    "model": name,
-                    "batch": size,
-                    "method": n,
-                    "step_s": med[n],
-                    "ratio_to_base": med[n] / med[base],
-                    "train_tokens_per_s": tokens / med[n],
-                }
+        if missing is None:  # after the rounds, where the policy has moved off its reference
+            theirs.policy.load_state_dict(policy.state_dict())
+            ours, their_loss = bench_dpo_loss(policy, reference, batch), theirs.loss()
+            trl_info["loss_check"].append(
+                {"model": name, "batch": size, "bench": float(ours), "trl": float(their_loss)}
             )
+        tokens = int(batch.seqs.attention_mask.sum())
+        for n in arms:
+            base = "dpo" if n == TRL_ARM else methods.get(n).base
+            row = {
+                "model": name,
+                "batch": size,
+                "method": n,
+                "step_s": med[n],
+                "ratio_to_base": med[n] / med[base],
+                "train_tokens_per_s": tokens / med[n],
+            }
+            if n == TRL_ARM:
+                row["bench_dpo_over_trl"] = med["dpo"] / med[n]
+            rows.append(row)
         layers, width = SHAPES[name][:2]
         if size * (cfg.prompt_len + cfg.response_len) * layers * width > cfg.loop_max_activations:
-            continue  # the loop keeps a double-backward graph per sample: minutes and tens of GB here
-        loop_wasserstein_step(policy, opt, batch, 0.01, reference)  # warm-up
-        loop = statistics.median(
-            loop_wasserstein_step(policy, opt, batch, 0.01, reference) for _ in range(cfg.loop_reps)
-        )
+            continue  # the loop: n per-sample double backwards over the whole batch, minutes here
+        chunk = loop_chunk(cfg, name, size)
+        loop_wasserstein_step(policy, opt, batch, 0.01, reference, chunk)  # warm-up
+        loops, passes = [], []
+        for _ in range(cfg.loop_reps):
+            timings: dict = {}
+            loops.append(loop_wasserstein_step(policy, opt, batch, 0.01, reference, chunk, timings))
+            passes.append(timings.get("loss_backward_s", 0.0))
+        loop = statistics.median(loops)
+        # what holding `chunk` graphs adds: one backward through the forward graph per extra chunk
+        extra = (math.ceil(size / chunk) - 1) * statistics.median(passes)
         rows.append(
             {
                 "model": name,
@@ -200,9 +423,11 @@ def bench_steps(cfg: PerfConfig) -> list[dict]:
                 "step_s": loop,
                 "ratio_to_base": loop / med["w-rebel"],  # against the batched W step it replaces
                 "train_tokens_per_s": tokens / loop,
+                "loop_chunk": chunk,
+                "chunk_extra_s": extra,  # estimated; the official single pass is loop - extra
             }
         )
-    return rows
+    return rows, trl_info
 
 
 def _radius(name: str) -> float:
@@ -342,11 +567,13 @@ def run(cfg: PerfConfig, out: Path) -> dict:
         peaks[name] = peak_memory_mb()["rss"]
         return rows
 
-    steps = measured("steps", bench_steps(cfg))
+    steps, trl_info = bench_steps(cfg)
+    steps = measured("steps", steps)
     duals = measured("duals", bench_duals(cfg))
     result = {
         "machine": machine(),
         "steps": steps,
+        "trl": trl_info,
         "duals": duals,
         "dual_slopes": slopes(duals),
         "generation": measured("generation", bench_generation(cfg)),
@@ -358,6 +585,40 @@ def run(cfg: PerfConfig, out: Path) -> dict:
     write_json_atomic(out / "perf.json", result)
     (out / "perf.md").write_text(format_tables(result))
     return result
+
+
+def trl_line(result: dict) -> str:
+    """One line: bench's DPO step over TRL's per shape, or why the TRL arm was skipped."""
+    info = result.get("trl") or {}
+    if info.get("skipped"):
+        return f"TRL DPOTrainer arm skipped: {info['skipped']}."
+    ratios = [
+        f"{r['model']} b{r['batch']} {r['bench_dpo_over_trl']:.2f}"
+        for r in result["steps"]
+        if r["method"] == TRL_ARM
+    ]
+    checks = info.get("loss_check", [])
+    gap = max((abs(c["bench"] - c["trl"]) for c in checks), default=float("nan"))
+    off = min((abs(c["bench"] - math.log(2)) for c in checks), default=float("nan"))
+    return (
+        f"bench dpo step / TRL {info.get('version', '?')} DPOTrainer step (same batch, paired rounds): "
+        + ", ".join(ratios)
+        + f"; their DPO losses on the batch after the rounds (the same weights; at least {off:.1e} from"
+        f" log 2, the loss at the reference) differ by at most {gap:.1e}."
+    )
+
+
+def loop_line(result: dict) -> str:
+    """How the per-sample W loop was run: samples per chunk and the estimated cost of chunking."""
+    rows = [r for r in result["steps"] if r["method"] == "w-rebel (per-sample loop)"]
+    if not rows:
+        return "Per-sample W loop not run at these shapes."
+    parts = [
+        f"{r['model']} b{r['batch']}: {r['loop_chunk']} samples' graphs at a time, "
+        f"~{r['chunk_extra_s']:.2f} s of extra backward passes in its {r['step_s']:.2f} s"
+        for r in rows
+    ]
+    return "Per-sample W loop (exact, chunked to bound memory): " + "; ".join(parts) + "."
 
 
 def format_tables(result: dict) -> str:
@@ -379,6 +640,10 @@ def format_tables(result: dict) -> str:
         "Step time per method (median of interleaved repetitions) and ratio to its base method:",
         "",
         table.to_markdown(floatfmt=".4f"),
+        "",
+        trl_line(result),
+        "",
+        loop_line(result),
         "",
         "Dual solvers, seconds against n (log-log slope over n >= 1e4: "
         + ", ".join(f"{k} {v:.2f}" for k, v in result["dual_slopes"].items())
