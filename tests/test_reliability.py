@@ -21,6 +21,7 @@ from bench.cli import main
 from bench.harness.launch import launch
 from bench.harness.records import write_json_atomic
 from bench.harness.runner import Cell, live_owner, record_path, run_cell
+from bench.loops.monitor import progress
 
 BENCH = str(Path(sys.executable).with_name("bench"))
 LINEAR = ["train.iterations=60", "train.eval_every=20", "task.n_test=128", "task.n_val=96"]
@@ -190,7 +191,7 @@ def test_read_only_results_serve_read_only_commands(shared_tmp):
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_to_bench_run_stops_its_workers_at_a_checkpoint_and_a_rerun_resumes(tmp_path, sig):
-    overrides = (*LEXICON_FAST, "train.iterations=60", "train.eval_every=60", "train.checkpoint_every=1000")
+    overrides = (*LEXICON_FAST, "train.iterations=200", "train.eval_every=200", "train.checkpoint_every=1000")
     cell = Cell("lexicon", "rebel", 0, overrides)
     args = [
         "run",
@@ -209,7 +210,9 @@ def test_a_signal_to_bench_run_stops_its_workers_at_a_checkpoint_and_a_rerun_res
         time.sleep(0.2)
     worker = live_owner(cell.run_dir(tmp_path))
     assert worker, "the cell never started"
-    time.sleep(3)  # into training (the first evaluation after the reference's is at iteration 60)
+    # into training: its live metrics say so (a fixed sleep raced a cell that finished first when idle)
+    while ((progress(cell.run_dir(tmp_path)) or {}).get("iteration", 0) < 2) and time.time() < deadline:
+        time.sleep(0.05)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130 and "run the same command again" in err, err[-2000:]
@@ -219,4 +222,4 @@ def test_a_signal_to_bench_run_stops_its_workers_at_a_checkpoint_and_a_rerun_res
     proc = bench(*args, "--quiet", *overrides)
     proc.communicate(timeout=600)
     rec = json.loads(record_path(cell, tmp_path).read_text())
-    assert rec["status"] == "completed" and len(rec["resumed_at"]) == 1 and 0 < rec["resumed_at"][0] < 60
+    assert rec["status"] == "completed" and len(rec["resumed_at"]) == 1 and 0 < rec["resumed_at"][0] < 200
