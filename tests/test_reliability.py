@@ -204,7 +204,11 @@ def test_a_signal_to_bench_run_stops_its_workers_at_a_checkpoint_and_a_rerun_res
         "--results",
         str(tmp_path),
     ]
-    proc = bench(*args, "--quiet", *overrides)
+    # as from a terminal: SIGINT handled, even when this test runs in a background job (which a
+    # non-interactive shell starts with SIGINT ignored, a disposition children inherit)
+    proc = bench(
+        *args, "--quiet", *overrides, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
+    )
     deadline = time.time() + 300
     while live_owner(cell.run_dir(tmp_path)) is None and time.time() < deadline:
         time.sleep(0.2)
