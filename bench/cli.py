@@ -189,7 +189,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         records_frame,
     )
     from bench.harness.runner import record_path
-    from bench.loops.config import config_hash
 
     sweep = build_sweep(args)
     root = Path(args.results)
@@ -221,7 +220,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     for err in report.job_errors:
         print(f"job failure: {err}", file=sys.stderr)
-    wanted = {(c.method, config_hash(c.config())) for c in sweep.cells}
+    wanted = {(c.method, c.config_hash) for c in sweep.cells}
     frame = records_frame(load_records(root, sweep.cells[0].task))
     frame = frame[frame.apply(lambda r: (r.method, r.config_hash) in wanted, axis=1).astype(bool)]
     print(format_leaderboard(leaderboard(frame)))
@@ -442,7 +441,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if args.cluster == "slurm":
         print(f"submitted {len(report.submitted)} test cells; bench status --sweep {name}")
         return 0
-    wanted = {config_hash(c.config()) for c in cells}
+    wanted = {c.config_hash for c in cells}
     frame = records_frame(load_records(results, args.task))
     print(format_leaderboard(leaderboard(frame[frame.config_hash.isin(wanted)])))
     return 0 if len(tested) == len(found) else 1
