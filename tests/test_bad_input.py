@@ -42,6 +42,17 @@ BAD = {
     "grad-clip-negative": (["--methods", "dpo", "train.grad_clip=-1"], None, ["train.grad_clip", ">= 0"]),
     "lr-zero": (["--methods", "dpo", "train.lr=0"], None, ["train.lr", "> 0"]),
     "device-bogus": (["--methods", "dpo", "train.device=bogus"], None, ["train.device", "auto, cpu"]),
+    "shard-bogus": (["--methods", "dpo", "train.shard=zero3"], None, ["train.shard", "zero3"]),
+    "shard-one-rank": (
+        ["--methods", "dpo", "train.shard=fsdp"],
+        None,
+        ["train.shard=fsdp", "train.nproc > 1"],
+    ),
+    "shard-lmeval": (
+        ["--methods", "dpo", "train.shard=fsdp", "train.nproc=2", "train.lmeval_tasks=[bench_polarity]"],
+        None,
+        ["train.lmeval_tasks", "bench eval"],
+    ),
     "dpo-beta-zero": (["--methods", "dpo", "method.beta=0"], None, ["method.beta", "> 0"]),
     "dpo-beta-negative": (["--methods", "dpo", "method.beta=-0.1"], None, ["method.beta", "> 0"]),
     "rebel-eta-zero": (["--methods", "rebel", "method.eta=0"], None, ["method.eta", "> 0"]),

@@ -4,7 +4,7 @@ the same cell as 2 tasks of one SLURM job."""
 
 import json
 import os
-import signal
+import pickle
 import socket
 import subprocess
 import sys
@@ -15,9 +15,10 @@ import pytest
 import torch
 from _lm_step import METHODS, global_batch, one_step
 from conftest import LEXICON_FAST
+from transformers import AutoModelForCausalLM
 
 from bench.harness.runner import Cell, record_path, run_cell
-from bench.loops.distributed import shard
+from bench.loops.distributed import SHARDS, SafeFileSystemReader, padded_shard, shard
 from bench.loops.monitor import METRICS, read_metrics
 from bench.loops.train import disable_dropout
 from tasks.lexicon.presets import ensure_preset, load_policy
@@ -41,13 +42,27 @@ def test_shards_are_contiguous_blocks_in_rank_order():
     items = list(range(7))
     assert [shard(items, r, 3) for r in range(3)] == [[0, 1], [2, 3], [4, 5, 6]]
     assert [*shard(items, 0, 2), *shard(items, 1, 2)] == items
+    # padded to the longest block by repeating the block's last item (an empty one: the first item)
+    assert [padded_shard(items, r, 3) for r in range(3)] == [([0, 1, 1], 2), ([2, 3, 3], 2), ([4, 5, 6], 3)]
+    assert [padded_shard([7], r, 2) for r in range(2)] == [([7], 0), ([7], 1)]
 
 
-@pytest.mark.parametrize("micro_batch", [0, 2])
-def test_two_rank_step_gradient_equals_the_single_rank_gradient(tmp_path, micro_batch):
+def test_shard_metadata_holding_code_is_refused_unrun(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(pickle.UnpicklingError, match=r"posix\.system is not torch\.distributed\.checkpoint"):
+        SafeFileSystemReader(tmp_path).read_metadata()
+    assert not (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize(("micro_batch", "mode"), [(0, "replicate"), (2, "replicate"), (2, "fsdp")])
+def test_two_rank_step_gradient_equals_the_single_rank_gradient(tmp_path, micro_batch, mode):
     ensure_preset("tiny", 60)  # built once before the ranks start
     out = tmp_path / "grads.pt"
-    torchrun(Path(__file__).with_name("_dist_lm_worker.py"), str(out), str(micro_batch))
+    torchrun(Path(__file__).with_name("_dist_lm_worker.py"), str(out), str(micro_batch), mode)
     two = torch.load(out)
     assert sorted(two) == sorted(METHODS) and len(METHODS) >= 15
     for name in METHODS:
@@ -86,29 +101,39 @@ def test_a_two_rank_cell_writes_one_record_with_the_single_rank_schema(tmp_path)
     assert [s["prompt"] for s in b["samples"]["before"]] == [s["prompt"] for s in a["samples"]["before"]]
 
 
-def test_a_two_rank_cell_killed_mid_run_resumes_exactly(tmp_path):
-    args = (*TWO, "train.iterations=6", "train.checkpoint_every=1", "train.eval_every=3")
-    cmd = [str(Path(sys.executable).with_name("bench")), "run", "--task", "lexicon", "--methods", "rebel"]
-    cmd += ["--cluster", "debug", "--quiet", "--results"]
-    cell = Cell("lexicon", "rebel", 0, args)
-    status = run_cell(cell, tmp_path / "straight")
-    assert status == "completed", record_path(cell, tmp_path / "straight").read_text()[-3000:]
-    straight = json.loads(record_path(cell, tmp_path / "straight").read_text())
+def run_straight(cell: Cell, root: Path) -> dict:
+    status = run_cell(cell, root)
+    assert status == "completed", record_path(cell, root).read_text()[-3000:]
+    return json.loads(record_path(cell, root).read_text())
 
-    root = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, str(root), *args], start_new_session=True)
-    ckpt = cell.run_dir(root) / "checkpoint.pt"
+
+def kill_at_checkpoint(cell: Cell, root: Path, iteration: int = 3) -> dict:
+    """Run ``cell`` through ``bench run``, SIGKILL the whole cell once its checkpoint reaches
+    ``iteration``; the checkpoint the dead cell left."""
+    cmd = [str(Path(sys.executable).with_name("bench")), "run", "--task", "lexicon", "--methods", cell.method]
+    proc = subprocess.Popen([*cmd, "--cluster", "debug", "--quiet", "--results", str(root), *cell.overrides])
+    ckpt, st = cell.run_dir(root) / "checkpoint.pt", None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists() and torch.load(ckpt, weights_only=False)["iteration"] >= 3:
+        st = torch.load(ckpt, weights_only=False) if ckpt.exists() else None
+        if st is not None and st["iteration"] >= iteration:
             # the whole cell dies, as on a lost node: the launcher, torchrun, and both ranks (which
             # torchrun starts in sessions of their own)
-            os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             subprocess.run(["pkill", "-KILL", "-f", f"bench.harness.runner {root}"], check=False)
             break
         time.sleep(0.2)
     proc.wait()
     assert not record_path(cell, root).exists(), "killed before the end"
+    return torch.load(ckpt, weights_only=False)
+
+
+def test_a_two_rank_cell_killed_mid_run_resumes_exactly(tmp_path):
+    args = (*TWO, "train.iterations=6", "train.checkpoint_every=1", "train.eval_every=3")
+    cell = Cell("lexicon", "rebel", 0, args)
+    straight = run_straight(cell, tmp_path / "straight")
+    root = tmp_path / "killed"
+    kill_at_checkpoint(cell, root)
     assert run_cell(cell, root) == "completed"
     resumed = json.loads(record_path(cell, root).read_text())
     assert resumed["resumed_at"] and resumed["resumed_at"][0] >= 3
@@ -118,6 +143,40 @@ def test_a_two_rank_cell_killed_mid_run_resumes_exactly(tmp_path):
     lines = read_metrics(cell.run_dir(root) / METRICS)
     assert [e["iteration"] for e in lines if e["event"] == "iteration"] == list(range(1, 7))
     assert all(e["ess"] == pytest.approx(6) for e in lines if e["event"] == "iteration")  # 6 pairs, 3 a rank
+
+
+def test_an_fsdp_cell_matches_the_replicated_one_and_resumes_exactly(tmp_path):
+    """W-REBEL sharded over 2 ranks (its double backward gathered), an odd number of test prompts
+    (blocks padded to one length): the same numbers as replicated ranks to float roundoff, a
+    SIGKILL mid-run resumed from the shards to exactly the uninterrupted run, the policy saved
+    whole, and no shard folder left behind."""
+    args = (*TWO, "task.n_test=13", "train.iterations=6", "train.checkpoint_every=1", "train.eval_every=3")
+    sharded = Cell("lexicon", "w-rebel", 0, (*args, "train.shard=fsdp", "train.save_model=true"))
+    replicated = Cell("lexicon", "w-rebel", 0, (*args, "train.shard=replicate"))
+    fsdp, whole = (
+        run_straight(sharded, tmp_path / "straight"),
+        run_straight(replicated, tmp_path / "straight"),
+    )
+    assert (fsdp["timings"]["sharding"], whole["timings"]["sharding"]) == ("fsdp", "replicate")
+    assert flat_keys(fsdp) == flat_keys(whole)
+    for a, b in zip(fsdp["curves"], whole["curves"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert fsdp["samples"] == whole["samples"] and len(fsdp["samples"]["before"]) == 4
+    saved = AutoModelForCausalLM.from_pretrained(sharded.run_dir(tmp_path / "straight") / "policy")
+    assert sum(p.numel() for p in saved.parameters()) == fsdp["model"]["parameters"]
+
+    root = tmp_path / "killed"
+    st = kill_at_checkpoint(sharded, root)
+    assert st["model"] is None and (sharded.run_dir(root) / st["shards"] / ".metadata").exists()
+    # the folder checkpoint.pt names and at most the next one (written when the kill came), no older
+    later = {f"{SHARDS}-{st['iteration'] + 1}"}
+    assert {p.name for p in sharded.run_dir(root).glob(f"{SHARDS}-*")} - later == {st["shards"]}
+    assert run_cell(sharded, root) == "completed"
+    resumed = json.loads(record_path(sharded, root).read_text())
+    assert resumed["resumed_at"] and resumed["resumed_at"][0] >= 3
+    for key in ("curves", "samples", "metrics", "steps"):
+        assert resumed[key] == fsdp[key], (key, resumed["resumed_at"])
+    assert not list(sharded.run_dir(root).glob(f"{SHARDS}-*"))
 
 
 def test_a_two_rank_cell_as_two_slurm_tasks(tmp_path):

@@ -70,11 +70,13 @@ def test_no_grad_chunks_and_input_embeddings_agree(monkeypatch):
         monkeypatch.setattr(lm, "HEAD_CHUNK_BYTES", 4 * 97 * 3)  # 3 positions per chunk
         chunked = token_logps(model, batch)
     torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
-    embeds = model.get_input_embeddings()(batch.input_ids).detach().requires_grad_(True)
-    ours = token_logps(model, batch, 1.0, inputs_embeds=embeds)
+    kept: list[torch.Tensor] = []
+    ours = token_logps(model, batch, 1.0, embeds=kept)
+    (embeds,) = kept  # looked up inside, as a sharded root needs
     (g_ours,) = torch.autograd.grad(ours.sum(), embeds)
-    ref = full_logps(model, batch, 1.0, inputs_embeds=embeds)
-    (g_ref,) = torch.autograd.grad(ref.sum(), embeds)
+    leaf = embeds.detach().requires_grad_(True)
+    ref = full_logps(model, batch, 1.0, inputs_embeds=leaf)
+    (g_ref,) = torch.autograd.grad(ref.sum(), leaf)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-6)
 

@@ -5,8 +5,17 @@ import pytest
 
 from bench.cli import main
 from bench.harness import launch as launch_mod
+from bench.harness import plan as plan_mod
 from bench.harness.launch import launch, make_executor, submit_groups
-from bench.harness.plan import GIB, GPUS, estimate, gpu_named, sized_resources
+from bench.harness.plan import (
+    GIB,
+    GPUS,
+    estimate,
+    gpu_named,
+    resolve_shard,
+    sized_resources,
+    with_resolved_shard,
+)
 from bench.harness.runner import Cell
 from bench.harness.sweep import SlurmConfig
 from bench.loops.config import ConfigError
@@ -115,3 +124,45 @@ def test_bench_plan_prints_every_cell_and_a_verdict(capsys):
     assert "1 GPU, 8 CPUs" in out
     code = main(["plan", "--task", "emotion", "--methods", "w-rebel", "--gpu", "A100-40", *GPT2_LARGE])
     assert code == 1 and "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_a_sharded_cell_divides_the_policy_state_and_the_reference_over_its_ranks():
+    big, gpu = ("task.size=pythia-2.8b",), gpu_named("L40S")
+    whole = estimate(Cell("hh", "rebel", 0, big), gpu)
+    parts = estimate(Cell("hh", "rebel", 0, (*big, "train.nproc=4", "train.shard=fsdp")), gpu)
+    p, r = whole.models["policy"], whole.models["reward"]  # two reward models of r parameters
+    assert whole.models["reference"] == p and not whole.sharded and parts.sharded
+    # AdamW state 16 B and the bf16 reference 2 B per policy parameter, over 4 ranks; the reward models whole
+    assert parts.static_gb * GIB == pytest.approx((16 * p + 2 * p) / 4 + 2 * 2 * r)
+    # plus two gathered fp32 layers (32 of them) in training, the whole fp32 policy while generating
+    assert parts.train_gb * GIB == pytest.approx(whole.train_gb * GIB + 2 * 4 * p / 32)
+    assert parts.generate_gb * GIB == pytest.approx(whole.generate_gb * GIB + 4 * p)
+    w = estimate(Cell("hh", "w-rebel", 0, (*big, "train.nproc=4", "train.shard=fsdp")), gpu)
+    w_whole = estimate(Cell("hh", "w-rebel", 0, big), gpu)
+    assert w.train_gb * GIB == pytest.approx(w_whole.train_gb * GIB + 4 * p)  # gathered through the step
+    assert not parts.fits and not whole.fits  # the activations alone exceed the 48 GB
+    advised = whole.advice().split("(")[1].split(")")[0].split()
+    assert advised[:2] == ["train.nproc=4", "train.shard=fsdp"]  # 2 ranks are not enough
+    assert estimate(Cell("hh", "rebel", 0, (*big, *advised)), gpu).fits
+    assert not estimate(Cell("hh", "rebel", 0, (*big, "train.nproc=2", *advised[1:])), gpu).fits
+
+
+def test_auto_shards_only_a_multi_rank_cell_that_does_not_fit_replicated():
+    big = ("task.size=pythia-2.8b", "train.nproc=4")
+    assert resolve_shard(Cell("hh", "rebel", 0, big), gpu_named("L40S")) == "fsdp"
+    fits = ("task.size=pythia-1b", "train.nproc=4")
+    assert resolve_shard(Cell("hh", "rebel", 0, fits), gpu_named("H200")) == "replicate"
+    assert resolve_shard(Cell("hh", "rebel", 0, big), None) == "replicate"  # CPU ranks
+    assert resolve_shard(Cell("hh", "rebel", 0, ("task.size=pythia-2.8b",)), gpu_named("L40S")) == "replicate"
+    assert resolve_shard(Cell("lexicon", "rebel", 0, ("train.nproc=2",)), gpu_named("L40S")) == "replicate"
+
+
+def test_a_job_resolves_auto_for_the_gpu_of_its_node(monkeypatch):
+    monkeypatch.setattr(plan_mod, "local_gpu", lambda: gpu_named("L40S"))
+    big = Cell("hh", "rebel", 0, ("task.size=pythia-2.8b", "train.nproc=4"))
+    resolved = with_resolved_shard(big)
+    assert resolved.shard == "fsdp" and resolved == big  # the same cell (the answer is not its identity)
+    assert resolved.config_hash == big.config_hash
+    assert with_resolved_shard(Cell("hh", "rebel", 0, ("task.size=pythia-2.8b",))).shard == ""  # one rank
+    pinned = Cell("hh", "rebel", 0, ("task.size=pythia-2.8b", "train.nproc=4", "train.shard=replicate"))
+    assert with_resolved_shard(pinned).shard == ""  # only auto is resolved

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -26,6 +27,10 @@ class Samples:
     @property
     def new_tokens(self) -> int:
         return sum(len(r) for r in self.response_ids)
+
+    def first(self, n: int, k: int) -> Samples:
+        """The samples of the first ``n`` prompts (``k`` per prompt)."""
+        return Samples(self.prompt_ids[:n], self.response_ids[: n * k], self.texts[: n * k], self.seconds)
 
 
 @dataclass(frozen=True)
@@ -136,8 +141,14 @@ def split_head(model) -> tuple[torch.nn.Module, torch.nn.Module] | None:
     return body, head
 
 
+# The name under which a sharded policy carries ``_token_logps`` as one of its root's forward
+# methods (``bench.loops.distributed.fully_shard_policy``): the body and the head are called here
+# directly, so the root must gather its own parameters (embeddings, final norm, head) around them.
+SHARDED_LOGPS = "bench_token_logps"
+
+
 def token_logps(
-    model, batch: SequenceBatch, temperature: float = 1.0, inputs_embeds: Tensor | None = None
+    model, batch: SequenceBatch, temperature: float = 1.0, embeds: list[Tensor] | None = None
 ) -> Tensor:
     """Per-token log-probs of the targets ``[B, T-1]`` (0 outside responses).
 
@@ -145,8 +156,21 @@ def token_logps(
     at those N positions, then ``logp(y) = logit[y] / t - logsumexp(logits / t)`` in float32 over
     ``[N, V]`` instead of ``[B, T, V]`` logits (under no-grad in chunks of ``HEAD_CHUNK_BYTES``).
     Models without a plain head (``split_head``) take the full forward with the same formula.
+    With ``embeds`` (a list), the input embeddings are looked up here, fed as ``inputs_embeds`` and
+    appended to it, so that a gradient can be taken with respect to them (the W penalty's).
     """
-    inputs = {"input_ids": batch.input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    sharded = getattr(model, SHARDED_LOGPS, None)
+    if sharded is not None:
+        return sharded(batch, temperature, embeds)
+    return _token_logps(model, batch, temperature, embeds)
+
+
+def _token_logps(model, batch: SequenceBatch, temperature: float, embeds: list[Tensor] | None) -> Tensor:
+    if embeds is None:
+        inputs = {"input_ids": batch.input_ids}
+    else:
+        embeds.append(model.get_input_embeddings()(batch.input_ids))
+        inputs = {"inputs_embeds": embeds[-1]}
     parts = split_head(model)
     mask = batch.target_mask.bool()
     targets = batch.input_ids[:, 1:][mask]
@@ -176,10 +200,10 @@ def _target_logps(logits: Tensor, targets: Tensor, temperature: float) -> Tensor
 
 
 def sequence_logps(
-    model, batch: SequenceBatch, temperature: float = 1.0, inputs_embeds: Tensor | None = None
+    model, batch: SequenceBatch, temperature: float = 1.0, embeds: list[Tensor] | None = None
 ) -> Tensor:
-    """``log pi(response | prompt)`` per row ``[B]``."""
-    return token_logps(model, batch, temperature, inputs_embeds).sum(-1)
+    """``log pi(response | prompt)`` per row ``[B]`` (``embeds``: as for ``token_logps``)."""
+    return token_logps(model, batch, temperature, embeds).sum(-1)
 
 
 LOGIT_BUDGET_BYTES = 2**30  # fp32 logits (and their softmax temporaries) one no-grad forward may hold
@@ -194,6 +218,10 @@ def chunked_logps(model, seqs: SequenceBatch, temperature: float = 1.0, chunk: i
     vocab = model.get_output_embeddings().weight.shape[0]
     fit = max(1, LOGIT_BUDGET_BYTES // (12 * vocab * width))
     chunk = min(chunk or rows, fit)
+    if hasattr(model, SHARDED_LOGPS):  # every forward is a collective: all ranks take the same chunks
+        agreed = torch.tensor([chunk])
+        dist.all_reduce(agreed, dist.ReduceOp.MIN)
+        chunk = int(agreed)
     parts = []
     for lo in range(0, rows, chunk):
         sub = SequenceBatch(

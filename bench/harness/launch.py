@@ -33,7 +33,13 @@ from tqdm import tqdm
 
 import tasks
 from bench.core.artifacts import locked
-from bench.harness.plan import local_gpu, refuse_what_cannot_fit, sized_resources, slurm_gpu
+from bench.harness.plan import (
+    local_gpu,
+    refuse_what_cannot_fit,
+    sized_resources,
+    slurm_gpu,
+    with_resolved_shard,
+)
 from bench.harness.records import read_json, write_json_atomic
 from bench.harness.runner import (
     ALREADY_COMPLETED,
@@ -67,7 +73,7 @@ class CellJob(Checkpointable):
         self.sweep = sweep  # the tracker runs' group
 
     def __call__(self, cells: list[Cell], root: str) -> list[str]:
-        return run_cells(cells, root, self.sweep)
+        return run_cells([with_resolved_shard(c) for c in cells], root, self.sweep)
 
 
 @dataclass

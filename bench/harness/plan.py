@@ -14,7 +14,10 @@ downloaded) and is built on the meta device to count its parameters. On a GPU (b
   fp32 copy and its gradient); Wasserstein methods keep the graph of the first backward (x2);
 * generation: the KV cache ``2·L·d_kv·2`` bytes per token (bf16) for the rows of one ``generate``
   call, and per-step fp32 logits of those rows;
-* 1 GiB of CUDA context and 10% allocator slack on the peak.
+* 1 GiB of CUDA context and 10% allocator slack on the peak;
+* sharded over N ranks (``train.shard=fsdp``, or ``auto`` where the replicated cell does not
+  fit): the policy's state and the reference divided by N, the reward models whole, plus the
+  gathered fp32 policy (4P) while generating and through a Wasserstein step, else two layers.
 
 Time per iteration is a roofline: training and scoring FLOPs (6P per trained token, 2P per
 scored or reference token, +2P with checkpointing) at 40% of the GPU's dense bf16 peak, decoding
@@ -25,6 +28,7 @@ to choose resources by; every run record holds the measured peak memory and s/it
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -132,6 +136,7 @@ class Estimate:
     peak_gb: float
     s_per_iteration: float | None
     gpu: GPU | None = None
+    sharded: bool = False  # FSDP over train.nproc ranks (figures per rank)
 
     @property
     def fits(self) -> bool:
@@ -146,9 +151,11 @@ class Estimate:
         if room <= 0:
             need = math.ceil(self.static_gb * SLACK + CONTEXT_BYTES / GIB)
             bigger = [g.name for g in GPUS.values() if g.memory_gb >= need]
+            fit = self._sharded_fit(cfg)
+            shard = f"shard it over the GPUs of a node ({' '.join(fit)}), " if fit else ""
             return (
-                f"the weights, gradients and optimizer state alone need {need} GB: ask for a GPU with "
-                f"more memory ({', '.join(bigger) or 'none in the table'}; slurm.gpu_mem_gb=...) "
+                f"the weights, gradients and optimizer state alone need {need} GB: {shard}ask for a GPU "
+                f"with more memory ({', '.join(bigger) or 'none in the table'}; slurm.gpu_mem_gb=...) "
                 "or a smaller model"
             )
         lightest = None
@@ -166,6 +173,21 @@ class Estimate:
             f"with more memory ({', '.join(bigger) or 'none in the table'}; slurm.gpu_mem_gb=...), "
             "shorter responses (task.max_new_tokens) or a smaller model"
         )
+
+    def _sharded_fit(self, cfg) -> tuple[str, ...] | None:
+        """The fewest ranks (2, 4, 8 GPUs of a node) over which the cell, sharded with FSDP and
+        if need be checkpointed in smaller micro-batches, fits; None if none does."""
+        if cfg.train.nproc > 1:
+            return None
+        pairs = cfg.train.micro_batch or cfg.train.batch_size
+        ckpt = ("train.grad_checkpointing=true",)
+        lighter = [(), ckpt, *((*ckpt, f"train.micro_batch={k}") for k in (16, 8, 4, 2, 1) if k < pairs)]
+        for n in (2, 4, 8):
+            for extra in lighter if cfg.train.batch_size % n == 0 else ():
+                overrides = (*self.cell.overrides, f"train.nproc={n}", "train.shard=fsdp", *extra)
+                if estimate(Cell(self.cell.task, self.cell.method, self.cell.seed, overrides), self.gpu).fits:
+                    return (f"train.nproc={n}", "train.shard=fsdp", *extra)
+        return None
 
     @staticmethod
     def _lighter(cfg) -> list[tuple[str, ...]]:
@@ -211,6 +233,18 @@ def estimate(cell: Cell, gpu: GPU | None) -> Estimate:
     kv = gen_rows * seq * policy.layers * 2 * policy.kv_dim * 2
     gen = kv + gen_rows * policy.vocab * 4 * 3
     peak = (static + max(train_act, gen)) * SLACK + CONTEXT_BYTES
+    ranks, shard = tc.nproc, tc.shard.value
+    too_big = on_gpu and peak > gpu.memory_gb * GIB
+    sharded = ranks > 1 and (shard == "fsdp" or (shard == "auto" and too_big))
+    if sharded:  # FSDP: the policy's state and the reference split over the ranks, the rest whole
+        reference = sum(s.params for role, s in shapes if role == "reference")
+        static = (state_bytes * policy.params + frozen_bytes * reference) / ranks + frozen_bytes * (
+            sum(s.params for s in frozen) - reference
+        )
+        whole = 4 * policy.params  # the gathered fp32 policy: while generating, through a W step
+        train_act += whole if double else 2 * whole / policy.layers  # else two layers at a time
+        gen += whole
+        peak = (static + max(train_act, gen)) * SLACK + CONTEXT_BYTES
 
     seconds = None
     if on_gpu:
@@ -237,7 +271,23 @@ def estimate(cell: Cell, gpu: GPU | None) -> Estimate:
         peak_gb=peak / GIB,
         s_per_iteration=seconds,
         gpu=gpu if on_gpu else None,
+        sharded=sharded,
     )
+
+
+def resolve_shard(cell: Cell, gpu: GPU | None) -> str:
+    """What ``train.shard`` means for ``cell`` on ``gpu``: ``auto`` is fsdp for a multi-rank cell
+    whose replicated estimate does not fit the GPU, replicate otherwise (and on CPU)."""
+    return "fsdp" if estimate(cell, gpu).sharded else "replicate"
+
+
+def with_resolved_shard(cell: Cell) -> Cell:
+    """``cell`` with ``train.shard=auto`` resolved for this node's GPU (``local_gpu``): a job does
+    it where it runs, and its ranks receive the answer (``Cell.shard``)."""
+    tc = cell.config().train
+    if tc.nproc == 1 or tc.shard.value != "auto":
+        return cell
+    return dataclasses.replace(cell, shard=resolve_shard(cell, local_gpu()))
 
 
 def _count(params: int) -> str:
@@ -249,6 +299,7 @@ def plan_table(estimates: list[Estimate]) -> list[list]:
     rows = []
     for e in estimates:
         verdict = "cpu" if e.device == "cpu" else ("fits" if e.fits else "DOES NOT FIT")
+        verdict += " (fsdp: GiB per rank)" if e.sharded else ""
         if e.device == "gpu" and e.gpu is None:
             verdict = "no GPU here (runs on CPU)"
         rows.append(

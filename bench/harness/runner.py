@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import fcntl
 import hashlib
@@ -26,6 +27,7 @@ import tasks
 from bench.harness.records import SCHEMA, environment, git_commit, read_json, write_json_atomic
 from bench.loops.callbacks import CHECKPOINT, Interrupted, OnEval, StopRun, stop_on_signals, stop_requested
 from bench.loops.config import build_config, config_hash, method_radius, to_dict
+from bench.loops.distributed import remove_shards
 from bench.loops.monitor import Monitor
 
 # The loop of each kind of task, imported when a cell runs (listing and planning stay cheap).
@@ -46,6 +48,8 @@ class Cell:
     seed: int = 0
     overrides: tuple[str, ...] = field(default_factory=tuple)
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # train.shard=auto as the job resolved it on its node (bench.harness.plan.with_resolved_shard)
+    shard: str = field(default="", compare=False)
 
     def config(self) -> DictConfig:
         return build_config(self.task, self.method, self.overrides, self.seed)
@@ -207,6 +211,9 @@ def _run_here(cell: Cell, root: Path, cfg: DictConfig, on_eval: OnEval | None, s
         "pid": os.getpid(),
     }
     try:
+        if cell.shard:  # what auto resolved to; the record's config keeps "auto"
+            cfg = copy.deepcopy(cfg)
+            cfg.train.shard = cell.shard
         torch.set_num_threads(max(1, cfg.train.threads))  # float sums depend on the thread count
         record["seeds"] = seed_everything(cfg.seed)
         spec = tasks.get(cell.task)
@@ -232,6 +239,7 @@ def _run_here(cell: Cell, root: Path, cfg: DictConfig, on_eval: OnEval | None, s
         write_json_atomic(record_path(cell, root), record)
         if record["status"] == "completed":  # only now: a kill before the record keeps the checkpoint
             (cell.run_dir(root) / CHECKPOINT).unlink(missing_ok=True)
+            remove_shards(cell.run_dir(root))
     return record["status"]
 
 
@@ -269,6 +277,7 @@ def launch_ranks(cell: Cell, root: Path, nproc: int, sweep: str = "") -> str:
             "overrides": cell.overrides,
             "tags": cell.tags,
             "sweep": sweep,
+            "shard": cell.shard,
         }
     )
     cmd = [
@@ -327,7 +336,14 @@ def run_cells(cells: list[Cell], root: str, sweep: str = "") -> list[str]:
 def main(argv: list[str]) -> None:
     """One rank of a ``train.nproc`` cell: ``python -m bench.harness.runner ROOT CELL_JSON``."""
     spec = json.loads(argv[1])
-    cell = Cell(spec["task"], spec["method"], spec["seed"], tuple(spec["overrides"]), tuple(spec["tags"]))
+    cell = Cell(
+        spec["task"],
+        spec["method"],
+        spec["seed"],
+        tuple(spec["overrides"]),
+        tuple(spec["tags"]),
+        spec["shard"],
+    )
     run_cell(cell, Path(argv[0]), sweep=spec["sweep"])
 
 

@@ -55,6 +55,16 @@ class Precision(str, Enum):
     bf16 = "bf16"
 
 
+class Shard(str, Enum):
+    """How an N-rank cell holds its policy and frozen reference: whole on every rank (replicate),
+    sharded with FSDP2 (fsdp), or fsdp only where ``bench plan`` says the cell does not fit on
+    one GPU (auto, resolved by the runner on the compute node)."""
+
+    auto = "auto"
+    replicate = "replicate"
+    fsdp = "fsdp"
+
+
 class Optimizer(str, Enum):
     adamw = "adamw"
     sgd = "sgd"
@@ -104,6 +114,7 @@ class TrainConfig:
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA with bf16, else fp32
     grad_checkpointing: bool = False  # recompute each layer in the backward: activations ~ 1/L
     nproc: int = 1  # ranks of one cell (data parallel; torch.distributed.run locally, SLURM tasks)
+    shard: Shard = Shard.auto  # with nproc > 1: replicate | fsdp | auto (fsdp where it does not fit)
     generator: str = "hf"  # training rollouts: hf (transformers generate, the reference) | vllm
     generator_options: dict[str, Any] = field(default_factory=dict)  # vllm: VLLMOptions fields
     # experiment trackers (bench.loops.trackers): tensorboard, wandb, mlflow, trackio; not hashed
@@ -242,6 +253,13 @@ def build_config(
         raise ConfigError(f"train.generator={cfg.train.generator!r}; known: {', '.join(GENERATORS)}")
     if cfg.train.generator == "vllm" and nproc > 1:
         raise ConfigError("train.generator=vllm runs one rank per cell (train.nproc=1)")
+    if cfg.train.shard == Shard.fsdp and nproc == 1:
+        raise ConfigError("train.shard=fsdp shards over the ranks of a cell: set train.nproc > 1")
+    if cfg.train.shard == Shard.fsdp and cfg.train.lmeval_tasks:
+        raise ConfigError(
+            "train.lmeval_tasks scores an unsharded policy: with train.shard=fsdp, save it "
+            "(train.save_model=true) and score it with `bench eval`"
+        )
     check_report_to(list(cfg.train.report_to))
     if nproc > 1 and spec.trainer != "lm":
         raise ConfigError(f"train.nproc > 1 runs the language-model loop only; task {task} has none")
@@ -288,12 +306,21 @@ def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
 
 
+# Keys added after results existed: at these values they are left out of the hash, so that the
+# cells of earlier results keep their run folders.
+HASHED_UNLESS = {("train", "shard"): "auto"}
+
+
 def config_hash(cfg: DictConfig) -> str:
     """A stable 12-hex-digit hash of everything but the seed (cells differing only in seed share
-    it) and where a cell reports (``train.report_to``: switching a tracker on re-runs nothing)."""
+    it), where a cell reports (``train.report_to``: switching a tracker on re-runs nothing) and
+    the ``HASHED_UNLESS`` keys at their first values."""
     payload = to_dict(cfg)
     payload.pop("seed", None)
     payload["train"].pop("report_to", None)
+    for (section, key), value in HASHED_UNLESS.items():
+        if payload.get(section, {}).get(key, value) == value:
+            payload.get(section, {}).pop(key, None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 

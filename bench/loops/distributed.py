@@ -17,17 +17,34 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pickle
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import MethodType
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.distributed.checkpoint.metadata as dcp_metadata
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
+from bench.core.lm import SHARDED_LOGPS, _token_logps
 from methods.distributed import world
 
 __all__ = [
     "broadcast_parameters",
+    "fully_shard_policy",
     "gather_rows",
+    "gathered",
     "init_from_env",
     "is_main",
+    "is_sharded",
+    "load_sharded",
+    "padded_shard",
+    "save_sharded",
     "shard",
     "sum_gradients",
     "world",
@@ -55,6 +72,16 @@ def shard(items: list, rank: int, size: int) -> list:
     return items[bounds[rank] : bounds[rank + 1]]
 
 
+def padded_shard(items: list, rank: int, size: int) -> tuple[list, int]:
+    """This rank's block (``shard``) and its length, the block padded by repeating its last item
+    (the list's first for an empty block) to the longest block's length: every rank then makes the
+    same number of model calls, which a sharded model's collective forwards need."""
+    block = shard(items, rank, size)
+    longest = -(-len(items) // size)
+    filler = block[-1:] or items[:1]
+    return block + filler * (longest - len(block)), len(block)
+
+
 def gather_rows(local: list) -> list:
     """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
     size = world()[1]
@@ -73,8 +100,9 @@ def broadcast_parameters(model: torch.nn.Module) -> None:
 
 
 def sum_gradients(model: torch.nn.Module) -> None:
-    """All-reduce (sum) every parameter's gradient across ranks, one flat bucket per dtype."""
-    if world()[1] == 1:
+    """All-reduce (sum) every parameter's gradient across ranks, one flat bucket per dtype (a
+    sharded model's gradients were already reduce-scattered in its backward)."""
+    if world()[1] == 1 or is_sharded(model):
         return
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -88,3 +116,127 @@ def sum_gradients(model: torch.nn.Module) -> None:
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
+
+
+def fully_shard_policy(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard ``model`` over the ranks with FSDP2 (``fully_shard``), in place.
+
+    Each decoder layer (the classes in the model's ``_no_split_modules``, as accelerate wraps them)
+    is one group, gathered for its forward and backward and freed after; the root holds the rest
+    (embeddings, final norm, head: a tied head stays one parameter). The root's forward hooks also
+    wrap the loop's log-prob pass, which calls the body and the head directly, and ``generate``
+    runs ``gathered`` (each layer gathered once, not once per decoded token). Gradients are
+    *summed* over ranks, as ``sum_gradients`` does (the local objectives sum to the global one): a
+    reduce-scatter in every backward, with divide factor 1 applied locally (a pre-multiplied sum is
+    NCCL-only). Every forward is a collective, so generation runs every rank's decoding loop to
+    the longest response (transformers' ``synced_gpus``).
+    """
+    layers = set(getattr(model, "_no_split_modules", None) or ())
+    groups = [m for m in model.modules() if type(m).__name__ in layers]
+    if not groups:
+        raise ValueError(
+            f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard by"
+        )
+    for module in [*groups, model]:
+        fully_shard(module, reshard_after_forward=True)
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)
+    setattr(model, SHARDED_LOGPS, MethodType(_token_logps, model))
+    register_fsdp_forward_method(model, SHARDED_LOGPS)
+    generate = model.generate
+
+    def gathered_generate(*args, **kwargs):
+        with gathered(model):
+            return generate(*args, **kwargs)
+
+    model.generate = gathered_generate
+    model._is_fsdp_managed_module = True  # transformers' generate then sets synced_gpus
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def gathered(model: torch.nn.Module) -> Iterator[None]:
+    """A sharded ``model``'s full parameters on every rank from entry to exit (ZeRO-2 within: the
+    gradients are still reduce-scattered), freed after; a no-op for an unsharded one. Decoding
+    needs it for speed; the Wasserstein penalty's double backward needs it to run at all (FSDP2
+    frees a layer's gathered weights after the first backward, which the second one reads)."""
+    if not is_sharded(model):
+        yield
+        return
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
+
+
+SHARDS = "checkpoint-shards"  # a sharded cell's checkpoint: checkpoint.pt names its shard folder
+
+
+def save_sharded(model: torch.nn.Module, opt: torch.optim.Optimizer, run_dir: Path, iteration: int) -> str:
+    """Every rank writes its shards of the model and optimizer state (torch.distributed.checkpoint)
+    to a folder of this iteration's own; the folder's name, for ``checkpoint.pt`` to point to once
+    all ranks are done. A kill mid-save leaves the previous checkpoint whole."""
+    name = f"{SHARDS}-{iteration}"
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=Path(run_dir) / name)
+    dist.barrier()
+    return name
+
+
+def remove_shards(run_dir: Path, keep: str | None = None) -> None:
+    """The shard folders in ``run_dir`` but ``keep`` (the one ``checkpoint.pt`` names)."""
+    for folder in Path(run_dir).glob(f"{SHARDS}-*"):
+        if folder.name != keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_sharded(model: torch.nn.Module, opt: torch.optim.Optimizer, folder: Path) -> None:
+    """Read back ``save_sharded``'s folder into a model sharded over as many ranks."""
+    model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, storage_reader=SafeFileSystemReader(folder))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint's reader with its metadata file read by an unpickler that
+    builds only the checkpoint's own metadata classes (``MetadataUnpickler``) instead of
+    ``pickle.load``: a metadata file holding code is refused, never run, as ``checkpoint.pt`` is."""
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp_metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+# What a torch.distributed.checkpoint metadata pickle may refer to: the metadata module's own
+# dataclasses and enums, and the few torch and pathlib names they hold (those torch 2.13 writes).
+METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+}
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if module == dcp_metadata.__name__ or (module, name) in METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not torch.distributed.checkpoint metadata")

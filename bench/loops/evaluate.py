@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from bench.core.lm import chunked_logps, sample, sequence_batch
-from bench.loops.distributed import gather_rows, shard, world
+from bench.loops.distributed import gather_rows, padded_shard, world
 from tasks.mixtures import Mixture, Protocol
 
 
@@ -176,20 +176,23 @@ def evaluate_lm(
     is the Monte Carlo estimate ``mean_y [sum_t log pi(y_t) - log pi_ref(y_t)] / |y|`` on the test
     responses.
     """
-    rank, size = world()  # under train.nproc each rank samples and scores its block of prompts
-    test_prompts = [p.text for p in task.prompts("test")]
-    val_prompts = [p.text for p in task.prompts("val")]
-    mine_test, mine_val = shard(test_prompts, rank, size), shard(val_prompts, rank, size)
+    rank, size = world()  # under train.nproc each rank samples and scores its block of prompts,
+    test_prompts = [p.text for p in task.prompts("test")]  # all blocks padded to one length, so
+    val_prompts = [p.text for p in task.prompts("val")]  # that every rank makes the same calls
+    (padded_test, n_test), (padded_val, n_val) = (
+        padded_shard(p, rank, size) for p in (test_prompts, val_prompts)
+    )
     with seeded_rng(seed * 1_000_003 + iteration + rank * 104_729, policy):
-        test = sample(policy, tok, mine_test, samples, task.sampling)
-        val = sample(policy, tok, mine_val, samples, task.sampling)
+        test = sample(policy, tok, padded_test, samples, task.sampling)
+        val = sample(policy, tok, padded_val, samples, task.sampling).first(n_val, samples)
     prompt_ids = [ids for ids in test.prompt_ids for _ in range(samples)]
     seqs = sequence_batch(prompt_ids, test.response_ids, tok.pad_token_id).to(
         next(policy.parameters()).device
     )
     temperature = task.sampling.temperature
     diff = chunked_logps(policy, seqs, temperature) - chunked_logps(reference, seqs, temperature)
-    lengths = seqs.target_mask.sum(1)
+    test, mine_test, mine_val = test.first(n_test, samples), padded_test[:n_test], padded_val[:n_val]
+    diff, lengths = diff[: n_test * samples], seqs.target_mask.sum(1)[: n_test * samples]
     per_token = (diff.float() / lengths.clamp_min(1)).view(len(mine_test), samples)
     rows = gather_rows(
         list(

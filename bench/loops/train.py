@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import FSDPModule
 
 import methods
 from bench.core.artifacts import load_or_set_aside, load_tensors, save_tensors
@@ -45,7 +47,18 @@ from bench.core.resources import peak_memory_mb, utilisation
 from bench.loops.callbacks import CHECKPOINT, Interrupted, OnEval, stop_requested
 from bench.loops.capability import require_task_modules
 from bench.loops.config import loss_kwargs, method_radius, to_dict
-from bench.loops.distributed import broadcast_parameters, gather_rows, init_from_env, shard, sum_gradients
+from bench.loops.distributed import (
+    broadcast_parameters,
+    fully_shard_policy,
+    gather_rows,
+    gathered,
+    init_from_env,
+    load_sharded,
+    remove_shards,
+    save_sharded,
+    shard,
+    sum_gradients,
+)
 from bench.loops.evaluate import HeadScaler, evaluate_lm, seeded_rng
 from bench.loops.monitor import Monitor
 from methods import GroupOptions, Method, PairScores
@@ -110,10 +123,9 @@ class PairBatch:
         """Per-pair losses of rows ``sel`` and the input embeddings the W penalty perturbs."""
         seqs = self.rows(sel)
         if method.aggregator.kind == "wasserstein":
-            embeds = policy.get_input_embeddings()(seqs.input_ids)
+            inputs: list[Tensor] = []
             with double_backprop_attention():
-                logps = sequence_logps(policy, seqs, temperature, inputs_embeds=embeds)
-            inputs = [embeds]
+                logps = sequence_logps(policy, seqs, temperature, embeds=inputs)
         else:
             logps, inputs = sequence_logps(policy, seqs, temperature), []
         pair = logps.view(2, -1).T
@@ -166,10 +178,13 @@ def group_options(task, cfg: DictConfig) -> GroupOptions:
     return GroupOptions(shares.numel(), cfg.method.group_update, shares)
 
 
-def offline_pairs(reference, tok, task, prompts: list, scaler, cfg: DictConfig, chunk: int) -> PairBatch:
+def offline_pairs(
+    reference, tok, task, prompts: list, scaler, cfg: DictConfig, chunk: int, cache: bool = True
+) -> PairBatch:
     """The offline pair set with its reference log-probs, shared through the reference cache by
     every method and radius that trains on the same data (same task config, seed and labels).
-    It is drawn from its own seeded streams, so a cache hit leaves the run's randomness unchanged."""
+    It is drawn from its own seeded streams, so a cache hit leaves the run's randomness unchanged.
+    ``cache=False`` builds it here (a sharded reference: every rank must take part)."""
     spec = {
         "task": to_dict(cfg)["task"],
         "seed": cfg.seed,
@@ -187,7 +202,7 @@ def offline_pairs(reference, tok, task, prompts: list, scaler, cfg: DictConfig, 
         batch.anchor = chunked_logps(reference, batch.seqs, cfg.method.logp_temperature, chunk).view(2, -1).T
         return batch
 
-    return cached(spec, model_fingerprint(reference), build, allowed=PAIR_TYPES)
+    return cached(spec, model_fingerprint(reference), build, allowed=PAIR_TYPES) if cache else build()
 
 
 def rng_state() -> dict:
@@ -326,6 +341,7 @@ def train(
     # model only on rank 0 once torch.distributed is initialized.
     policy, tok = task.load_policy()
     rank, size = init_from_env(device.type)  # (0, 1) unless launched as train.nproc ranks
+    sharded = size > 1 and tc.shard.value == "fsdp"  # the runner resolved auto
     monitor = monitor or Monitor(run_dir)
     monitor.rank = rank  # only rank 0 writes and logs
     if device.type == "cuda" and size > 1:
@@ -338,9 +354,12 @@ def train(
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
     if uses_bf16(device, tc.precision) and device.type == "cuda":
         reference.to(torch.bfloat16)  # frozen: half the memory, and autocast computes in bf16 anyway
+    wasserstein = method.aggregator.kind == "wasserstein"
     if tc.grad_checkpointing:
-        wasserstein = method.aggregator.kind == "wasserstein"
         enable_checkpointing(policy, double_backprop_attention if wasserstein else None)
+    if sharded:  # the frozen reference is sharded likewise; the task's reward models stay whole
+        fully_shard_policy(policy)
+        fully_shard_policy(reference)
     opt_cls = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[tc.optimizer.value]
     opt = opt_cls(policy.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / max(1, tc.warmup)))
@@ -368,13 +387,17 @@ def train(
         dist.broadcast_object_list(found, src=0)
         st = load_tensors(ckpt, PAIR_TYPES, map_location=device) if found[0] and rank else st
     if st is not None:
-        policy.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        if st.get("world_size", 1) != size:
+        if st.get("world_size", 1) != size or bool(st.get("shards")) != sharded:
+            written = "sharded" if st.get("shards") else "replicated"
             raise RuntimeError(
-                f"{ckpt} was written by {st.get('world_size', 1)} ranks; resume it with as many"
+                f"{ckpt} was written by {st.get('world_size', 1)} {written} ranks; resume it with as many"
             )
+        if sharded:
+            load_sharded(policy, opt, ckpt.parent / st["shards"])
+        else:
+            policy.load_state_dict(st["model"])
+            opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
         gen.set_state(st["generator"][rank])
         set_rng_state(st["rng"][rank])
         scaler, sampler = HeadScaler(**st["scaler"]), PromptSampler(**st["sampler"])
@@ -383,7 +406,10 @@ def train(
     else:
         scaler, ref_row, before = start_scores(policy, reference, tok, task, cfg, evaluate, device, size)
         offline = None
-        if tc.data.value == "offline":  # a fixed pair set from the reference, labeled once, cached
+        if tc.data.value == "offline" and sharded:  # every rank in the reference's forwards: no cache
+            with ctx():
+                offline = offline_pairs(reference, tok, task, train_prompts, scaler, cfg, chunk, cache=False)
+        elif tc.data.value == "offline":  # a fixed pair set from the reference, labeled once, cached
             for turn in (0, 1) if size > 1 else (0,):  # rank 0 builds the cache, then the others read it
                 if (rank == 0) == (turn == 0):
                     with ctx():
@@ -432,7 +458,8 @@ def train(
         )
         policy.train()
         opt.zero_grad(set_to_none=True)
-        with ctx():
+        # a sharded policy stays gathered through the W penalty's double backward (distributed.gathered)
+        with ctx(), gathered(policy) if wasserstein else nullcontext():
             stats = methods.backward_robust(
                 method,
                 radius,
@@ -446,7 +473,7 @@ def train(
             )
         agg_state = stats.state or agg_state
         step = {"robust_value": float(stats.value), **methods.weight_diagnostics(method, stats)}
-        sum_gradients(policy)  # every rank now holds the global batch's gradient
+        sum_gradients(policy)  # every rank now holds the global batch's gradient (or its shard of it)
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(policy.parameters(), tc.grad_clip)
         opt.step()
@@ -473,13 +500,15 @@ def train(
         periodic = tc.checkpoint_every and it % tc.checkpoint_every == 0
         if (periodic or stop) and it < tc.iterations:
             streams = gather_rows([(gen.get_state(), rng_state())])  # every rank's, in rank order
-            if rank == 0:  # the weights and optimizer state are the same on every rank
+            shards = save_sharded(policy, opt, ckpt.parent, it) if sharded else None  # every rank's part
+            if rank == 0:  # replicated: the weights and optimizer state are the same on every rank
                 save_tensors(
                     ckpt,
                     {
                         "iteration": it,
-                        "model": policy.state_dict(),
-                        "optimizer": opt.state_dict(),
+                        "model": None if sharded else policy.state_dict(),
+                        "optimizer": None if sharded else opt.state_dict(),
+                        "shards": shards,
                         "scheduler": sched.state_dict(),
                         "generator": [g for g, _ in streams],
                         "rng": [r for _, r in streams],
@@ -490,6 +519,8 @@ def train(
                         "world_size": size,
                     },
                 )
+                if sharded:  # checkpoint.pt now names the new shards: the older ones can go
+                    remove_shards(ckpt.parent, keep=shards)
             if stop:
                 raise Interrupted(f"stopped at iteration {it} of {tc.iterations}; checkpointed in {ckpt}")
 
@@ -504,9 +535,8 @@ def train(
     timing["train_tokens"] = sum(t for _, t, _ in per_rank)
     n_params = sum(p.numel() for p in policy.parameters())
     extra = {}
-    if tc.save_model and rank == 0:
-        policy.save_pretrained(Path(run_dir) / "policy")
-        tok.save_pretrained(Path(run_dir) / "policy")
+    if tc.save_model:
+        save_policy(policy, tok, Path(run_dir) / "policy", rank)
     if tc.lmeval_tasks:
         from bench.loops.capability import lmeval_scores
 
@@ -527,6 +557,7 @@ def train(
             "peak_memory_mb": peak_memory_mb(),
             "peak_memory_mb_per_rank": [m for _, _, m in per_rank],
             "world_size": size,
+            "sharding": "fsdp" if sharded else "replicate" if size > 1 else "none",
             "device": str(device),
             **utilisation(
                 n_params,
@@ -538,6 +569,16 @@ def train(
         },
         "model": {"class": type(policy).__name__, "parameters": n_params},
     }
+
+
+def save_policy(policy, tok, folder: Path, rank: int) -> None:
+    """The policy as a transformers checkpoint, from rank 0 (a sharded one gathered to it first)."""
+    state = None
+    if isinstance(policy, FSDPModule):
+        state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        policy.save_pretrained(folder, state_dict=state)
+        tok.save_pretrained(folder)
 
 
 def _curve_row(scores: dict) -> dict:

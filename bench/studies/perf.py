@@ -159,9 +159,10 @@ def loop_wasserstein_backward(
     n = batch.m
     chunk = n if chunk <= 0 else min(chunk, n)
     seqs = batch.rows(torch.arange(n))
-    embeds = policy.get_input_embeddings()(seqs.input_ids)
+    inputs: list[torch.Tensor] = []
     with double_backprop_attention():
-        logps = sequence_logps(policy, seqs, 1.0, inputs_embeds=embeds)
+        logps = sequence_logps(policy, seqs, 1.0, embeds=inputs)
+    (embeds,) = inputs
     scores = methods.PairScores(logps.view(2, -1).T, batch.anchor, batch.rewards, batch.pref)
     losses = methods.pointwise_losses(method, scores, eta=0.01)
     if chunk == n:  # the official single pass: every graph kept until the one backward
