@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from bench.core.refcache import model_fingerprint
+
 
 def load_reward_model(base: str) -> tuple:
     """``(model, tokenizer)`` of a one-logit sequence classifier from a Hub name or a folder."""
@@ -86,6 +88,7 @@ class LearnedReward:
             )
         self.model, self.tok = load_reward_model(folder)
         self.model.eval()
+        self.fingerprint = model_fingerprint(self.model)  # the folder may be trained again: its weights
 
     @torch.no_grad()
     def score(self, prompts: list[str], responses: list[str]) -> Tensor:

@@ -5,6 +5,7 @@ the same cell as 2 tasks of one SLURM job."""
 import json
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -13,12 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from _lm_step import METHODS, global_batch, one_step
 from conftest import LEXICON_FAST
 from transformers import AutoModelForCausalLM
 
 from bench.harness.runner import Cell, record_path, run_cell
-from bench.loops.distributed import SHARDS, SafeFileSystemReader, padded_shard, shard
+from bench.loops.distributed import (
+    SHARDS,
+    SafeFileSystemReader,
+    WeightsOnlyLoadPlanner,
+    padded_shard,
+    readable_shards,
+    shard,
+)
 from bench.loops.monitor import METRICS, read_metrics
 from bench.loops.train import disable_dropout
 from tasks.lexicon.presets import ensure_preset, load_policy
@@ -55,7 +64,45 @@ def test_shard_metadata_holding_code_is_refused_unrun(tmp_path):
     (tmp_path / ".metadata").write_bytes(pickle.dumps(Payload()))
     with pytest.raises(pickle.UnpicklingError, match=r"posix\.system is not torch\.distributed\.checkpoint"):
         SafeFileSystemReader(tmp_path).read_metadata()
+    # a dotted name under the metadata module reaches its imports (os.system): refused too
+    cmd = f"touch {tmp_path / 'ran'}".encode()
+    dotted = b"\x80\x04ctorch.distributed.checkpoint.metadata\nos.system\n(X" + len(cmd).to_bytes(4, "little")
+    (tmp_path / ".metadata").write_bytes(dotted + cmd + b"tR.")
+    with pytest.raises(pickle.UnpicklingError, match=r"os\.system is not"):
+        SafeFileSystemReader(tmp_path).read_metadata()
     assert not (tmp_path / "ran").exists()
+
+
+def test_shard_data_holding_code_is_refused_unrun(tmp_path):
+    """The shards' non-tensor items (torch's planner reads them with a full torch.load) go through
+    the weights-only unpickler; a real folder's metadata is read and named as readable."""
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    dcp.save({"w": torch.ones(2), "lr": Payload()}, checkpoint_id=tmp_path / f"{SHARDS}-3")
+    state = {"w": torch.zeros(2), "lr": None}
+    with pytest.raises(
+        dcp.api.CheckpointException, match=r"GLOBAL posix\.system whose module posix is blocked"
+    ):
+        dcp.load(
+            state,
+            storage_reader=SafeFileSystemReader(tmp_path / f"{SHARDS}-3"),
+            planner=WeightsOnlyLoadPlanner(),
+        )
+    assert not (tmp_path / "ran").exists()
+    dcp.save({"w": torch.ones(2), "lr": 0.5}, checkpoint_id=tmp_path / f"{SHARDS}-4")
+    state = {"w": torch.zeros(2), "lr": None}
+    dcp.load(
+        state, storage_reader=SafeFileSystemReader(tmp_path / f"{SHARDS}-4"), planner=WeightsOnlyLoadPlanner()
+    )
+    assert state["lr"] == 0.5 and torch.equal(state["w"], torch.ones(2))
+    assert readable_shards(tmp_path, f"{SHARDS}-4")
+    for bad in (f"{SHARDS}-5", "../elsewhere", str(tmp_path / f"{SHARDS}-4"), None, 4):
+        assert not readable_shards(tmp_path, bad), bad  # missing, outside the run folder, not a name
+    (tmp_path / f"{SHARDS}-4" / ".metadata").write_bytes(b"torn")
+    assert not readable_shards(tmp_path, f"{SHARDS}-4")
 
 
 @pytest.mark.parametrize(("micro_batch", "mode"), [(0, "replicate"), (2, "replicate"), (2, "fsdp")])
@@ -111,7 +158,8 @@ def kill_at_checkpoint(cell: Cell, root: Path, iteration: int = 3) -> dict:
     """Run ``cell`` through ``bench run``, SIGKILL the whole cell once its checkpoint reaches
     ``iteration``; the checkpoint the dead cell left."""
     cmd = [str(Path(sys.executable).with_name("bench")), "run", "--task", "lexicon", "--methods", cell.method]
-    proc = subprocess.Popen([*cmd, "--cluster", "debug", "--quiet", "--results", str(root), *cell.overrides])
+    args = [*cmd, "--cluster", "debug", "--quiet", "--results", str(root), *cell.overrides]
+    proc = subprocess.Popen(args, start_new_session=True)
     ckpt, st = cell.run_dir(root) / "checkpoint.pt", None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -119,7 +167,7 @@ def kill_at_checkpoint(cell: Cell, root: Path, iteration: int = 3) -> dict:
         if st is not None and st["iteration"] >= iteration:
             # the whole cell dies, as on a lost node: the launcher, torchrun, and both ranks (which
             # torchrun starts in sessions of their own)
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             subprocess.run(["pkill", "-KILL", "-f", f"bench.harness.runner {root}"], check=False)
             break
         time.sleep(0.2)
@@ -146,11 +194,11 @@ def test_a_two_rank_cell_killed_mid_run_resumes_exactly(tmp_path):
 
 
 def test_an_fsdp_cell_matches_the_replicated_one_and_resumes_exactly(tmp_path):
-    """W-REBEL sharded over 2 ranks (its double backward gathered), an odd number of test prompts
-    (blocks padded to one length): the same numbers as replicated ranks to float roundoff, a
-    SIGKILL mid-run resumed from the shards to exactly the uninterrupted run, the policy saved
-    whole, and no shard folder left behind."""
-    args = (*TWO, "task.n_test=13", "train.iterations=6", "train.checkpoint_every=1", "train.eval_every=3")
+    """W-REBEL sharded over 2 ranks (its double backward gathered): the replicated cell's numbers
+    to float roundoff and a policy saved whole; with an odd number of test prompts (the blocks
+    padded to one length), a SIGKILL mid-run resumed from the shards to exactly the uninterrupted
+    run, and no shard folder left behind."""
+    args = (*TWO, "train.iterations=6", "train.checkpoint_every=1", "train.eval_every=3")
     sharded = Cell("lexicon", "w-rebel", 0, (*args, "train.shard=fsdp", "train.save_model=true"))
     replicated = Cell("lexicon", "w-rebel", 0, (*args, "train.shard=replicate"))
     fsdp, whole = (
@@ -165,18 +213,20 @@ def test_an_fsdp_cell_matches_the_replicated_one_and_resumes_exactly(tmp_path):
     saved = AutoModelForCausalLM.from_pretrained(sharded.run_dir(tmp_path / "straight") / "policy")
     assert sum(p.numel() for p in saved.parameters()) == fsdp["model"]["parameters"]
 
+    odd = Cell("lexicon", "w-rebel", 0, (*args, "task.n_test=13", "train.shard=fsdp"))
+    straight = run_straight(odd, tmp_path / "straight")
     root = tmp_path / "killed"
-    st = kill_at_checkpoint(sharded, root)
-    assert st["model"] is None and (sharded.run_dir(root) / st["shards"] / ".metadata").exists()
+    st = kill_at_checkpoint(odd, root)
+    assert st["model"] is None and (odd.run_dir(root) / st["shards"] / ".metadata").exists()
     # the folder checkpoint.pt names and at most the next one (written when the kill came), no older
     later = {f"{SHARDS}-{st['iteration'] + 1}"}
-    assert {p.name for p in sharded.run_dir(root).glob(f"{SHARDS}-*")} - later == {st["shards"]}
-    assert run_cell(sharded, root) == "completed"
-    resumed = json.loads(record_path(sharded, root).read_text())
+    assert {p.name for p in odd.run_dir(root).glob(f"{SHARDS}-*")} - later == {st["shards"]}
+    assert run_cell(odd, root) == "completed"
+    resumed = json.loads(record_path(odd, root).read_text())
     assert resumed["resumed_at"] and resumed["resumed_at"][0] >= 3
     for key in ("curves", "samples", "metrics", "steps"):
-        assert resumed[key] == fsdp[key], (key, resumed["resumed_at"])
-    assert not list(sharded.run_dir(root).glob(f"{SHARDS}-*"))
+        assert resumed[key] == straight[key], (key, resumed["resumed_at"])
+    assert not list(odd.run_dir(root).glob(f"{SHARDS}-*"))
 
 
 def test_a_two_rank_cell_as_two_slurm_tasks(tmp_path):

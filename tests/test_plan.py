@@ -1,6 +1,9 @@
 """bench plan: memory by hand on published shapes, advice that makes a cell fit, refusal before
 submission, resources sized from the task, and one local job per GPU."""
 
+import re
+from pathlib import Path
+
 import pytest
 
 from bench.cli import main
@@ -14,6 +17,7 @@ from bench.harness.plan import (
     gpu_named,
     resolve_shard,
     sized_resources,
+    slurm_gpu,
     with_resolved_shard,
 )
 from bench.harness.runner import Cell
@@ -33,9 +37,10 @@ def test_static_memory_and_activations_by_hand():
     # bytes per token, plus 2 B/param of autocast weight copies
     per_token = 34 * 768 * 12 + 12 * 50257
     assert e.train_gb * GIB == pytest.approx(256 * 128 * per_token + 2 * GPT2_PARAMS)
-    # KV cache of 128 generation rows (64 prompts a call): 2 (k, v) x 12 layers x 768 x 2 bytes per token
-    kv = 128 * 128 * 12 * 2 * 768 * 2
-    assert e.generate_gb * GIB == pytest.approx(kv + 128 * 50257 * 4 * 3)
+    # KV cache of the largest generate call, the evaluation's 64 prompts x 4 samples = 256 rows (the
+    # rollouts' are 64 x 2): 2 (k, v) x 12 layers x 768 x 2 bytes per token
+    kv = 256 * 128 * 12 * 2 * 768 * 2
+    assert e.generate_gb * GIB == pytest.approx(kv + 256 * 50257 * 4 * 3)
     capped = estimate(Cell("emotion", "rebel", 0, ("task.max_total_tokens=0",)), GPUS["H100"])
     assert capped.train_gb * GIB == pytest.approx(256 * (128 + 128) * per_token + 2 * GPT2_PARAMS)
     assert e.peak_gb * GIB == pytest.approx((e.static_gb + e.train_gb) * GIB * 1.1 + GIB)
@@ -129,22 +134,34 @@ def test_bench_plan_prints_every_cell_and_a_verdict(capsys):
 def test_a_sharded_cell_divides_the_policy_state_and_the_reference_over_its_ranks():
     big, gpu = ("task.size=pythia-2.8b",), gpu_named("L40S")
     whole = estimate(Cell("hh", "rebel", 0, big), gpu)
+    four = estimate(Cell("hh", "rebel", 0, (*big, "train.nproc=4", "train.shard=replicate")), gpu)
     parts = estimate(Cell("hh", "rebel", 0, (*big, "train.nproc=4", "train.shard=fsdp")), gpu)
     p, r = whole.models["policy"], whole.models["reward"]  # two reward models of r parameters
+    # replicated ranks each hold everything, but train (activations, beside the 2 B/param of
+    # autocast copies), sample and evaluate a quarter of the prompts
+    assert four.static_gb == whole.static_gb
+    # generation: the evaluation's calls of 4 samples, 64 of the 128 test prompts at a time on one
+    # rank, the 32 of its block on each of 4 (the head scaler's 64 x 2 rows on every rank)
+    assert four.generate_gb * 2 == pytest.approx(whole.generate_gb)
+    assert (four.train_gb * GIB - 2 * p) * 4 == pytest.approx(whole.train_gb * GIB - 2 * p)
+    assert four.s_per_iteration < whole.s_per_iteration / 3
     assert whole.models["reference"] == p and not whole.sharded and parts.sharded
     # AdamW state 16 B and the bf16 reference 2 B per policy parameter, over 4 ranks; the reward models whole
     assert parts.static_gb * GIB == pytest.approx((16 * p + 2 * p) / 4 + 2 * 2 * r)
     # plus two gathered fp32 layers (32 of them) in training, the whole fp32 policy while generating
-    assert parts.train_gb * GIB == pytest.approx(whole.train_gb * GIB + 2 * 4 * p / 32)
-    assert parts.generate_gb * GIB == pytest.approx(whole.generate_gb * GIB + 4 * p)
+    assert parts.train_gb * GIB == pytest.approx(four.train_gb * GIB + 2 * 4 * p / 32)
+    assert parts.generate_gb * GIB == pytest.approx(four.generate_gb * GIB + 4 * p)
     w = estimate(Cell("hh", "w-rebel", 0, (*big, "train.nproc=4", "train.shard=fsdp")), gpu)
-    w_whole = estimate(Cell("hh", "w-rebel", 0, big), gpu)
+    w_whole = estimate(Cell("hh", "w-rebel", 0, (*big, "train.nproc=4", "train.shard=replicate")), gpu)
     assert w.train_gb * GIB == pytest.approx(w_whole.train_gb * GIB + 4 * p)  # gathered through the step
-    assert not parts.fits and not whole.fits  # the activations alone exceed the 48 GB
-    advised = whole.advice().split("(")[1].split(")")[0].split()
-    assert advised[:2] == ["train.nproc=4", "train.shard=fsdp"]  # 2 ranks are not enough
+    assert parts.fits and not whole.fits
+    advised = whole.advice().split("(")[1].split(")")[0].split()  # the fewest ranks, lightest change
+    assert advised == ["train.nproc=4", "train.shard=fsdp"]
     assert estimate(Cell("hh", "rebel", 0, (*big, *advised)), gpu).fits
-    assert not estimate(Cell("hh", "rebel", 0, (*big, "train.nproc=2", *advised[1:])), gpu).fits
+    lightest = ("train.grad_checkpointing=true", "train.micro_batch=1")
+    assert not estimate(
+        Cell("hh", "rebel", 0, (*big, "train.nproc=2", "train.shard=fsdp", *lightest)), gpu
+    ).fits
 
 
 def test_auto_shards_only_a_multi_rank_cell_that_does_not_fit_replicated():
@@ -157,12 +174,38 @@ def test_auto_shards_only_a_multi_rank_cell_that_does_not_fit_replicated():
     assert resolve_shard(Cell("lexicon", "rebel", 0, ("train.nproc=2",)), gpu_named("L40S")) == "replicate"
 
 
-def test_a_job_resolves_auto_for_the_gpu_of_its_node(monkeypatch):
+def test_a_job_resolves_auto_for_the_gpu_of_its_node(monkeypatch, tmp_path):
     monkeypatch.setattr(plan_mod, "local_gpu", lambda: gpu_named("L40S"))
     big = Cell("hh", "rebel", 0, ("task.size=pythia-2.8b", "train.nproc=4"))
-    resolved = with_resolved_shard(big)
+    resolved = with_resolved_shard(big, tmp_path)
     assert resolved.shard == "fsdp" and resolved == big  # the same cell (the answer is not its identity)
     assert resolved.config_hash == big.config_hash
-    assert with_resolved_shard(Cell("hh", "rebel", 0, ("task.size=pythia-2.8b",))).shard == ""  # one rank
+    assert with_resolved_shard(Cell("hh", "rebel", 0, ("task.size=pythia-2.8b",)), tmp_path).shard == ""
     pinned = Cell("hh", "rebel", 0, ("task.size=pythia-2.8b", "train.nproc=4", "train.shard=replicate"))
-    assert with_resolved_shard(pinned).shard == ""  # only auto is resolved
+    assert with_resolved_shard(pinned, tmp_path).shard == ""  # only auto is resolved
+    lmeval = Cell("hh", "rebel", 0, (*big.overrides, "train.lmeval_tasks=[bench_polarity]"))
+    assert with_resolved_shard(lmeval, tmp_path).shard == "replicate"  # lm-eval needs a whole policy
+    # a cell that resumes keeps what its checkpoint was written with, whatever the GPU now
+    run_dir = big.run_dir(tmp_path)
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"")
+    assert with_resolved_shard(big, tmp_path).shard == "replicate"
+    (run_dir / "checkpoint-shards-3").mkdir()
+    monkeypatch.setattr(plan_mod, "local_gpu", lambda: gpu_named("H200"))
+    assert with_resolved_shard(big, tmp_path).shard == "fsdp"
+
+
+def test_the_readmes_armorm_memory_table_is_the_codes():
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    rows = [line for line in text.splitlines() if re.match(r"\| w?-?rebel, [13]B", line)]
+    assert len(rows) == 6
+    eighty = slurm_gpu(SlurmConfig())
+    for row in rows:
+        name, _, static, train, peak, on_80, on_h200, seconds = (c.strip() for c in row.strip("|").split("|"))
+        method, size, *sharded = (part.strip() for part in name.split(","))
+        overrides = (f"task.size={size.lower()}", *(("train.nproc=8", "train.shard=fsdp") if sharded else ()))
+        cell = Cell("armorm", method, 0, overrides)
+        e, h100 = estimate(cell, eighty), estimate(cell, GPUS["H100"])
+        assert [f"{x:.1f}" for x in (e.static_gb, e.train_gb, e.peak_gb)] == [static, train, peak], name
+        assert on_80.startswith("fits") == e.fits and on_h200 == "fits", name
+        assert f"{h100.s_per_iteration:.1f}" == seconds, name

@@ -12,6 +12,7 @@ import tasks
 from bench.core.refcache import PACKAGES, REPO, code_files, code_fingerprint
 from bench.harness.runner import Cell, record_path, run_cell
 from bench.loops.train import start_spec
+from tasks.lexicon.presets import ensure_preset, load_policy
 
 
 def record(cell, root):
@@ -121,3 +122,20 @@ def test_the_code_fingerprint_changes_with_any_file_of_the_repository(tmp_path):
     reward.write_text(reward.read_text() + "\n# an edit\n")
     code_fingerprint.cache_clear()
     assert code_fingerprint(tmp_path) != before
+
+
+def test_the_key_holds_the_learned_reward_models_weights_not_only_its_folder(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    ensure_preset("tiny", 60)
+    policy, tok = load_policy("tiny", steps=60)
+    policy.config.num_labels = 1
+    rm = AutoModelForSequenceClassification.from_config(policy.config)
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    first = spec("dpo", 0, f"task.reward_model={tmp_path / 'rm'}")
+    assert first != spec() and spec("dpo", 0, f"task.reward_model={tmp_path / 'rm'}") == first
+    with torch.no_grad():
+        rm.score.weight.add_(1.0)  # the same folder, trained again
+    rm.save_pretrained(tmp_path / "rm")
+    assert spec("dpo", 0, f"task.reward_model={tmp_path / 'rm'}") != first

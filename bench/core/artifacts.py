@@ -50,16 +50,21 @@ def load_or_set_aside(path: Path, what: str, allowed: Sequence[type] = (), map_l
     try:
         return load_tensors(path, allowed, map_location)
     except Exception as err:  # torch raises many types for a bad file
-        aside = path.with_name(path.name + ".unreadable")
-        path.replace(aside)
         first = (str(err).splitlines() or [""])[0][:160]
-        warnings.warn(
-            f"unreadable {what} {path} ({type(err).__name__}: {first}); moved to {aside.name}, "
-            "starting afresh",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        set_aside(path, what, f"{type(err).__name__}: {first}")
         return None
+
+
+def set_aside(path: Path, what: str, why: str) -> None:
+    """Move an unusable ``path`` to ``<name>.unreadable``, named in a warning (the caller starts
+    that ``what`` afresh)."""
+    aside = path.with_name(path.name + ".unreadable")
+    path.replace(aside)
+    warnings.warn(
+        f"unreadable {what} {path} ({why}); moved to {aside.name}, starting afresh",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def save_tensors(path: Path, value: object) -> None:

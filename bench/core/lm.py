@@ -219,7 +219,7 @@ def chunked_logps(model, seqs: SequenceBatch, temperature: float = 1.0, chunk: i
     fit = max(1, LOGIT_BUDGET_BYTES // (12 * vocab * width))
     chunk = min(chunk or rows, fit)
     if hasattr(model, SHARDED_LOGPS):  # every forward is a collective: all ranks take the same chunks
-        agreed = torch.tensor([chunk])
+        agreed = torch.tensor([chunk], device=next(model.parameters()).device)  # nccl: a CUDA tensor
         dist.all_reduce(agreed, dist.ReduceOp.MIN)
         chunk = int(agreed)
     parts = []

@@ -73,7 +73,7 @@ class CellJob(Checkpointable):
         self.sweep = sweep  # the tracker runs' group
 
     def __call__(self, cells: list[Cell], root: str) -> list[str]:
-        return run_cells([with_resolved_shard(c) for c in cells], root, self.sweep)
+        return run_cells([with_resolved_shard(c, root) for c in cells], root, self.sweep)
 
 
 @dataclass

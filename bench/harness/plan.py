@@ -12,9 +12,12 @@ downloaded) and is built on the meta device to count its parameters. On a GPU (b
   token without gradient checkpointing (Korthikanti et al. 2022, bf16, SDPA attention with no T²
   score matrix), ``2·h·L + 34·h`` with it; the logits ``12·V`` bytes per token (bf16 logits, their
   fp32 copy and its gradient); Wasserstein methods keep the graph of the first backward (x2);
-* generation: the KV cache ``2·L·d_kv·2`` bytes per token (bf16) for the rows of one ``generate``
-  call, and per-step fp32 logits of those rows;
+* generation: the KV cache ``2·L·d_kv·2`` bytes per token (bf16) for the rows of the largest
+  ``generate`` call (the rollouts', the evaluation's with ``eval.samples`` a prompt, or the head
+  scaler's), and per-step fp32 logits of those rows;
 * 1 GiB of CUDA context and 10% allocator slack on the peak;
+* a cell of N ranks is sized per rank: each trains on, samples and evaluates its 1/N of the
+  prompts (the communication between ranks is not modelled);
 * sharded over N ranks (``train.shard=fsdp``, or ``auto`` where the replicated cell does not
   fit): the policy's state and the reference divided by N, the reward models whole, plus the
   gathered fp32 policy (4P) while generating and through a Wasserstein step, else two layers.
@@ -32,13 +35,16 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 
 import torch
 
 import methods
 import tasks
 from bench.harness.runner import Cell
+from bench.loops.callbacks import CHECKPOINT
 from bench.loops.config import ConfigError
+from bench.loops.distributed import SHARDS
 
 GIB = 2**30
 CONTEXT_BYTES = GIB
@@ -177,12 +183,12 @@ class Estimate:
     def _sharded_fit(self, cfg) -> tuple[str, ...] | None:
         """The fewest ranks (2, 4, 8 GPUs of a node) over which the cell, sharded with FSDP and
         if need be checkpointed in smaller micro-batches, fits; None if none does."""
-        if cfg.train.nproc > 1:
+        if cfg.train.shard.value == "fsdp":
             return None
         pairs = cfg.train.micro_batch or cfg.train.batch_size
         ckpt = ("train.grad_checkpointing=true",)
         lighter = [(), ckpt, *((*ckpt, f"train.micro_batch={k}") for k in (16, 8, 4, 2, 1) if k < pairs)]
-        for n in (2, 4, 8):
+        for n in (cfg.train.nproc,) if cfg.train.nproc > 1 else (2, 4, 8):
             for extra in lighter if cfg.train.batch_size % n == 0 else ():
                 overrides = (*self.cell.overrides, f"train.nproc={n}", "train.shard=fsdp", *extra)
                 if estimate(Cell(self.cell.task, self.cell.method, self.cell.seed, overrides), self.gpu).fits:
@@ -193,7 +199,8 @@ class Estimate:
     def _lighter(cfg) -> list[tuple[str, ...]]:
         """Candidate overrides, lightest change first: checkpointing alone, then with ever
         smaller micro-batches."""
-        pairs = cfg.train.micro_batch or cfg.train.batch_size
+        local = cfg.train.batch_size // cfg.train.nproc
+        pairs = min(cfg.train.micro_batch or local, local)
         ckpt = ("train.grad_checkpointing=true",)
         out = [ckpt] if not cfg.train.grad_checkpointing else []
         return out + [(*ckpt, f"train.micro_batch={k}") for k in range(pairs - 1, 0, -1)]
@@ -219,7 +226,8 @@ def estimate(cell: Cell, gpu: GPU | None) -> Estimate:
     seq = prompt + new
     if task_cfg.get("max_total_tokens", 0):  # prompt and response share one budget (Emotion)
         seq = min(seq, int(task_cfg.max_total_tokens))
-    pairs = tc.micro_batch or tc.batch_size
+    local = tc.batch_size // tc.nproc  # each rank's block of the prompts (build_config: it divides)
+    pairs = min(tc.micro_batch or local, local)
     rows = 2 * pairs
     per_token = (
         (2 * policy.hidden * policy.layers + 34 * policy.hidden)
@@ -229,13 +237,20 @@ def estimate(cell: Cell, gpu: GPU | None) -> Estimate:
     per_token += 12 * policy.vocab
     double = methods.get(cell.method).aggregator.kind == "wasserstein"
     train_act = rows * seq * per_token * (2 if double else 1) + 2 * policy.params
-    gen_rows = 2 * min(int(task_cfg.get("generate_batch", 64)), tc.batch_size)  # lm.Sampling.batch_size
-    kv = gen_rows * seq * policy.layers * 2 * policy.kv_dim * 2
-    gen = kv + gen_rows * policy.vocab * 4 * 3
+    # the largest generate call (lm.Sampling.batch_size prompts, k samples each): the rollouts (2 a
+    # prompt), the evaluation (eval.samples a prompt, over this rank's test block) or the head
+    # scaler's 64 reference prompts (2 each)
+    per_call = int(task_cfg.get("generate_batch", 64))
+    test_block = math.ceil(int(task_cfg.get("n_test", 0)) / tc.nproc)
+    rollout_rows = 2 * min(per_call, local)
+    gen_rows = max(rollout_rows, cfg.eval.samples * min(per_call, test_block), 2 * min(per_call, 64))
+    kv_per_row = seq * policy.layers * 2 * policy.kv_dim * 2
+    gen = gen_rows * (kv_per_row + policy.vocab * 4 * 3)
     peak = (static + max(train_act, gen)) * SLACK + CONTEXT_BYTES
     ranks, shard = tc.nproc, tc.shard.value
     too_big = on_gpu and peak > gpu.memory_gb * GIB
-    sharded = ranks > 1 and (shard == "fsdp" or (shard == "auto" and too_big))
+    # auto never shards a cell that scores with lm-eval at its end (an unsharded policy)
+    sharded = ranks > 1 and (shard == "fsdp" or (shard == "auto" and too_big and not tc.lmeval_tasks))
     if sharded:  # FSDP: the policy's state and the reference split over the ranks, the rest whole
         reference = sum(s.params for role, s in shapes if role == "reference")
         static = (state_bytes * policy.params + frozen_bytes * reference) / ranks + frozen_bytes * (
@@ -249,14 +264,14 @@ def estimate(cell: Cell, gpu: GPU | None) -> Estimate:
     seconds = None
     if on_gpu:
         flops = MFU * gpu.bf16_flops
-        train_tokens = tc.batch_size * 2 * seq
+        train_tokens = local * 2 * seq
         pol_flops = (6 + (2 if tc.grad_checkpointing else 0)) * policy.params * train_tokens
         pol_flops *= 1.7 if double else 1.0
         frozen_flops = 2 * sum(s.params for s in frozen) * train_tokens
-        calls = math.ceil(tc.batch_size / 64)
-        step_read = (2 * policy.params + kv) / (BANDWIDTH_EFFICIENCY * gpu.bandwidth)
+        calls = math.ceil(local / 64)
+        step_read = (2 * policy.params + rollout_rows * kv_per_row) / (BANDWIDTH_EFFICIENCY * gpu.bandwidth)
         decode = calls * new * max(step_read, LAUNCH_S_PER_LAYER * policy.layers)
-        n_eval = int(task_cfg.get("n_test", 0)) + int(task_cfg.get("n_val", 0))
+        n_eval = math.ceil((int(task_cfg.get("n_test", 0)) + int(task_cfg.get("n_val", 0))) / tc.nproc)
         eval_s = math.ceil(n_eval / 64) * new * max(step_read, LAUNCH_S_PER_LAYER * policy.layers)
         eval_s += 2 * (policy.params + sum(s.params for s in frozen)) * n_eval * seq / flops
         seconds = (pol_flops + frozen_flops) / flops + decode + eval_s / tc.eval_every
@@ -281,13 +296,19 @@ def resolve_shard(cell: Cell, gpu: GPU | None) -> str:
     return "fsdp" if estimate(cell, gpu).sharded else "replicate"
 
 
-def with_resolved_shard(cell: Cell) -> Cell:
+def with_resolved_shard(cell: Cell, root: str | Path) -> Cell:
     """``cell`` with ``train.shard=auto`` resolved for this node's GPU (``local_gpu``): a job does
-    it where it runs, and its ranks receive the answer (``Cell.shard``)."""
+    it where it runs, and its ranks receive the answer (``Cell.shard``). A cell that resumes keeps
+    what its checkpoint was written with (a requeued job may land on another kind of GPU)."""
     tc = cell.config().train
     if tc.nproc == 1 or tc.shard.value != "auto":
         return cell
-    return dataclasses.replace(cell, shard=resolve_shard(cell, local_gpu()))
+    run_dir = cell.run_dir(root)
+    if (run_dir / CHECKPOINT).exists():
+        shard = "fsdp" if any(run_dir.glob(f"{SHARDS}-*")) else "replicate"
+    else:
+        shard = resolve_shard(cell, local_gpu())
+    return dataclasses.replace(cell, shard=shard)
 
 
 def _count(params: int) -> str:
@@ -354,8 +375,6 @@ def slurm_gpu(slurm) -> GPU:
 def sized_resources(cells: list[Cell], slurm):
     """A copy of the SLURM config with the resources left at None sized from the cells' tasks (the
     largest cell of the array decides; the user's values always win)."""
-    import dataclasses
-
     gpu = GPU(
         f"{slurm.gpu_mem_gb:g} GB GPU", slurm.gpu_mem_gb, GPUS["H100"].bf16_flops, GPUS["H100"].bandwidth
     )

@@ -238,8 +238,8 @@ def _run_here(cell: Cell, root: Path, cfg: DictConfig, on_eval: OnEval | None, s
     if int(os.environ.get("RANK", "0")) == 0:  # with train.nproc ranks, rank 0 writes the record
         write_json_atomic(record_path(cell, root), record)
         if record["status"] == "completed":  # only now: a kill before the record keeps the checkpoint
+            remove_shards(cell.run_dir(root))  # first: a kill between the two leaves no orphans
             (cell.run_dir(root) / CHECKPOINT).unlink(missing_ok=True)
-            remove_shards(cell.run_dir(root))
     return record["status"]
 
 

@@ -16,8 +16,10 @@ and DDP would reduce each of them.)
 from __future__ import annotations
 
 import datetime as dt
+import io
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,12 +74,12 @@ def shard(items: list, rank: int, size: int) -> list:
     return items[bounds[rank] : bounds[rank + 1]]
 
 
-def padded_shard(items: list, rank: int, size: int) -> tuple[list, int]:
-    """This rank's block (``shard``) and its length, the block padded by repeating its last item
-    (the list's first for an empty block) to the longest block's length: every rank then makes the
-    same number of model calls, which a sharded model's collective forwards need."""
+def padded_shard(items: list, rank: int, size: int, pad: bool = True) -> tuple[list, int]:
+    """This rank's block (``shard``) and its length; with ``pad``, the block padded by repeating
+    its last item (the list's first for an empty block) to the longest block's length: every rank
+    then makes the same number of model calls, which a sharded model's collective forwards need."""
     block = shard(items, rank, size)
-    longest = -(-len(items) // size)
+    longest = -(-len(items) // size) if pad else len(block)
     filler = block[-1:] or items[:1]
     return block + filler * (longest - len(block)), len(block)
 
@@ -206,7 +208,7 @@ def load_sharded(model: torch.nn.Module, opt: torch.optim.Optimizer, folder: Pat
     """Read back ``save_sharded``'s folder into a model sharded over as many ranks."""
     model_state, optim_state = get_state_dict(model, opt)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, storage_reader=SafeFileSystemReader(folder))
+    dcp.load(state, storage_reader=SafeFileSystemReader(folder), planner=WeightsOnlyLoadPlanner())
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -224,9 +226,27 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         return metadata
 
 
-# What a torch.distributed.checkpoint metadata pickle may refer to: the metadata module's own
-# dataclasses and enums, and the few torch and pathlib names they hold (those torch 2.13 writes).
+class WeightsOnlyLoadPlanner(dcp.DefaultLoadPlanner):
+    """The default planner, but the checkpoint's non-tensor items (the optimizer's hyperparameters)
+    are read by the weights-only unpickler first: torch's planner reads them with a full
+    ``torch.load``. What passes is plain data, handed on re-serialized."""
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        plain, buffer = torch.load(value, weights_only=True), io.BytesIO()
+        torch.save(plain, buffer)
+        buffer.seek(0)
+        super().load_bytes(read_item, buffer)
+
+
+# What a torch.distributed.checkpoint metadata pickle may build: the classes the metadata module
+# defines, and the few torch and pathlib names they hold (those torch 2.13 writes); exact names only
+# (a dotted one such as ``os.system`` would reach through the module's own imports).
 METADATA_GLOBALS = {
+    *(
+        (dcp_metadata.__name__, name)
+        for name, value in vars(dcp_metadata).items()
+        if isinstance(value, type) and value.__module__ == dcp_metadata.__name__
+    ),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),
     ("torch", "Size"),
@@ -236,7 +256,19 @@ METADATA_GLOBALS = {
 
 class MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if module == dcp_metadata.__name__ or (module, name) in METADATA_GLOBALS or dtype:
+        dtype = module == "torch" and "." not in name and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in METADATA_GLOBALS or dtype:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not torch.distributed.checkpoint metadata")
+
+
+def readable_shards(run_dir: Path, name: object) -> bool:
+    """Whether ``name`` (from ``checkpoint.pt``) is one of ``save_sharded``'s folders in ``run_dir``
+    with metadata the safe reader accepts (checked on rank 0 before any rank loads it)."""
+    if not isinstance(name, str) or not re.fullmatch(rf"{SHARDS}-\d+", name):
+        return False
+    try:
+        SafeFileSystemReader(Path(run_dir) / name).read_metadata()
+    except Exception:  # missing, truncated or refused
+        return False
+    return True

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from bench.core.lm import chunked_logps, sample, sequence_batch
-from bench.loops.distributed import gather_rows, padded_shard, world
+from bench.loops.distributed import gather_rows, is_sharded, padded_shard, world
 from tasks.mixtures import Mixture, Protocol
 
 
@@ -176,11 +176,12 @@ def evaluate_lm(
     is the Monte Carlo estimate ``mean_y [sum_t log pi(y_t) - log pi_ref(y_t)] / |y|`` on the test
     responses.
     """
-    rank, size = world()  # under train.nproc each rank samples and scores its block of prompts,
-    test_prompts = [p.text for p in task.prompts("test")]  # all blocks padded to one length, so
-    val_prompts = [p.text for p in task.prompts("val")]  # that every rank makes the same calls
+    rank, size = world()  # under train.nproc each rank samples and scores its block of prompts;
+    test_prompts = [p.text for p in task.prompts("test")]  # a sharded policy's blocks are padded
+    val_prompts = [p.text for p in task.prompts("val")]  # to one length (its forwards are collective)
+    pad = is_sharded(policy)
     (padded_test, n_test), (padded_val, n_val) = (
-        padded_shard(p, rank, size) for p in (test_prompts, val_prompts)
+        padded_shard(p, rank, size, pad) for p in (test_prompts, val_prompts)
     )
     with seeded_rng(seed * 1_000_003 + iteration + rank * 104_729, policy):
         test = sample(policy, tok, padded_test, samples, task.sampling)

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.fsdp import FSDPModule
 
 import methods
-from bench.core.artifacts import load_or_set_aside, load_tensors, save_tensors
+from bench.core.artifacts import load_or_set_aside, load_tensors, save_tensors, set_aside
 from bench.core.generation import check_generator, make_generator
 from bench.core.lm import SequenceBatch, chunked_logps, sample, sequence_batch, sequence_logps
 from bench.core.refcache import cached, code_fingerprint, model_fingerprint
@@ -54,6 +54,7 @@ from bench.loops.distributed import (
     gathered,
     init_from_env,
     load_sharded,
+    readable_shards,
     remove_shards,
     save_sharded,
     shard,
@@ -191,6 +192,7 @@ def offline_pairs(
         "labels": cfg.method.labels.value,
         "scaler": scaler.state(),
         "logp_temperature": cfg.method.logp_temperature,
+        "reward_weights": getattr(task, "reward_fingerprint", ""),
         "kind": "offline-pairs",
     }
 
@@ -282,9 +284,10 @@ def start_spec(cfg: DictConfig, task, device: torch.device) -> dict:
     """The reference-cache key of a cell's head scaler and iteration-0 evaluation: all that can
     change them and nothing a method or radius sets. The task section and its config class, the
     evaluation section, the seed, the resolved device and precision, torch's thread count (float
-    sums depend on it), gradient checkpointing (set on the policy before the evaluation), and a
-    fingerprint of the code. Not the rollout backend (``train.generator``, built after the
-    evaluation, which samples through ``bench.core.lm``) nor the training batch sizes."""
+    sums depend on it), gradient checkpointing (set on the policy before the evaluation), a
+    fingerprint of the code and one of a learned reward model's weights. Not the rollout backend
+    (``train.generator``, built after the evaluation, which samples through ``bench.core.lm``) nor
+    the training batch sizes."""
     full, task_cls = to_dict(cfg), OmegaConf.get_type(cfg.task)
     return {
         "kind": "start-scores",
@@ -298,6 +301,8 @@ def start_spec(cfg: DictConfig, task, device: torch.device) -> dict:
         "threads": torch.get_num_threads(),
         "grad_checkpointing": cfg.train.grad_checkpointing,
         "code": code_fingerprint(),
+        # a task scoring with weights its config names by path only (a learned reward model)
+        "reward_weights": getattr(task, "reward_fingerprint", ""),
     }
 
 
@@ -382,6 +387,9 @@ def train(
     ckpt.parent.mkdir(parents=True, exist_ok=True)
 
     st = load_or_set_aside(ckpt, "checkpoint", PAIR_TYPES, device) if rank == 0 else None
+    if st is not None and st.get("shards") and not readable_shards(ckpt.parent, st["shards"]):
+        set_aside(ckpt, "checkpoint", f"its shard folder {st['shards']!r} is missing or unreadable")
+        st = None
     if size > 1:  # rank 0 decides (a bad file is moved aside once), every rank loads what it read
         found = [st is not None]
         dist.broadcast_object_list(found, src=0)

@@ -74,6 +74,12 @@ class LexiconTask:
             self.names.append("learned_rm")
             self.protocol = with_learned_head(self.protocol)
 
+    @property
+    def reward_fingerprint(self) -> str:
+        """The learned reward model's weights ("" without one): its folder can be trained again,
+        so the reference cache keys on what it holds, not on its path alone."""
+        return self.learned.fingerprint if self.learned else ""
+
     def prompts(self, split: str) -> list[Prompt]:
         return self.splits[split]
 
