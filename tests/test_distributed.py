@@ -229,6 +229,17 @@ def test_an_fsdp_cell_matches_the_replicated_one_and_resumes_exactly(tmp_path):
     assert not list(odd.run_dir(root).glob(f"{SHARDS}-*"))
 
 
+def test_an_fsdp_cell_on_offline_pairs_matches_the_replicated_one(tmp_path):
+    """The WDPO protocol's fixed pair set, drawn from a sharded reference on every rank (no cache:
+    each takes part in its forwards) and rank 0's handed to all: the replicated cell's numbers."""
+    args = (*TWO, "train.data=offline")
+    fsdp = run_straight(Cell("lexicon", "wdpo", 0, (*args, "train.shard=fsdp")), tmp_path)
+    whole = run_straight(Cell("lexicon", "wdpo", 0, (*args, "train.shard=replicate")), tmp_path)
+    assert fsdp["timings"]["sharding"] == "fsdp"
+    for a, b in zip(fsdp["curves"], whole["curves"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
 def test_a_two_rank_cell_as_two_slurm_tasks(tmp_path):
     from test_slurm import cluster_up, wait_for
 

@@ -215,17 +215,17 @@ def chunked_logps(model, seqs: SequenceBatch, temperature: float = 1.0, chunk: i
     keep ``rows x T x V x 12`` bytes of logits under ``LOGIT_BUDGET_BYTES``, so a long evaluation
     or a large batch of anchors is scored in bounded memory."""
     rows, width = seqs.input_ids.shape
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab, device = model.get_output_embeddings().weight.shape[0], next(model.parameters()).device
     fit = max(1, LOGIT_BUDGET_BYTES // (12 * vocab * width))
     chunk = min(chunk or rows, fit)
     if hasattr(model, SHARDED_LOGPS):  # every forward is a collective: all ranks take the same chunks
-        agreed = torch.tensor([chunk], device=next(model.parameters()).device)  # nccl: a CUDA tensor
+        agreed = torch.tensor([chunk], device=device)  # nccl: a CUDA tensor
         dist.all_reduce(agreed, dist.ReduceOp.MIN)
         chunk = int(agreed)
     parts = []
-    for lo in range(0, rows, chunk):
+    for lo in range(0, rows, chunk):  # each chunk on the model's device (the rows may be on the host)
         sub = SequenceBatch(
             *(t[lo : lo + chunk] for t in (seqs.input_ids, seqs.attention_mask, seqs.target_mask))
-        )
+        ).to(device)
         parts.append(sequence_logps(model, sub, temperature))
     return torch.cat(parts)

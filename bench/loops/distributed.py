@@ -37,6 +37,7 @@ from bench.core.lm import SHARDED_LOGPS, _token_logps
 from methods.distributed import world
 
 __all__ = [
+    "broadcast_object",
     "broadcast_parameters",
     "fully_shard_policy",
     "gather_rows",
@@ -92,6 +93,15 @@ def gather_rows(local: list) -> list:
     parts: list = [None] * size
     dist.all_gather_object(parts, list(local))
     return [row for part in parts for row in part]
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's ``value`` on every rank (a picklable object of this run's own making)."""
+    if world()[1] == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def broadcast_parameters(model: torch.nn.Module) -> None:

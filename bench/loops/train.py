@@ -48,6 +48,7 @@ from bench.loops.callbacks import CHECKPOINT, Interrupted, OnEval, stop_requeste
 from bench.loops.capability import require_task_modules
 from bench.loops.config import loss_kwargs, method_radius, to_dict
 from bench.loops.distributed import (
+    broadcast_object,
     broadcast_parameters,
     fully_shard_policy,
     gather_rows,
@@ -201,7 +202,8 @@ def offline_pairs(
             batch, _ = sample_pairs(
                 reference, tok, task, prompts, scaler, torch.Generator().manual_seed(cfg.seed + 1), cfg
             )
-        batch.anchor = chunked_logps(reference, batch.seqs, cfg.method.logp_temperature, chunk).view(2, -1).T
+        anchor = chunked_logps(reference, batch.seqs, cfg.method.logp_temperature, chunk)
+        batch.anchor = anchor.view(2, -1).T.cpu()  # the pair set is kept on the host, as its sequences
         return batch
 
     return cached(spec, model_fingerprint(reference), build, allowed=PAIR_TYPES) if cache else build()
@@ -417,6 +419,7 @@ def train(
         if tc.data.value == "offline" and sharded:  # every rank in the reference's forwards: no cache
             with ctx():
                 offline = offline_pairs(reference, tok, task, train_prompts, scaler, cfg, chunk, cache=False)
+            offline = broadcast_object(offline)  # rank 0's: GPU sampling need not match bit for bit
         elif tc.data.value == "offline":  # a fixed pair set from the reference, labeled once, cached
             for turn in (0, 1) if size > 1 else (0,):  # rank 0 builds the cache, then the others read it
                 if (rank == 0) == (turn == 0):
