@@ -36,7 +36,6 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule
 
 import methods
 from bench.core.artifacts import load_or_set_aside, load_tensors, save_tensors, set_aside
@@ -54,6 +53,7 @@ from bench.loops.distributed import (
     gather_rows,
     gathered,
     init_from_env,
+    is_sharded,
     load_sharded,
     readable_shards,
     remove_shards,
@@ -585,7 +585,7 @@ def train(
 def save_policy(policy, tok, folder: Path, rank: int) -> None:
     """The policy as a transformers checkpoint, from rank 0 (a sharded one gathered to it first)."""
     state = None
-    if isinstance(policy, FSDPModule):
+    if is_sharded(policy):
         state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         policy.save_pretrained(folder, state_dict=state)
