@@ -112,7 +112,7 @@ def record_header(cell: Cell, cfg: DictConfig) -> dict:
         "overrides": list(cell.overrides),
         "tags": list(cell.tags),
         "config": to_dict(cfg),
-        "config_hash": config_hash(cfg),
+        "config_hash": cell.config_hash,
         "radius": {"name": knob.name, "value": method_radius(cfg)} if knob else None,
     }
 
@@ -221,8 +221,7 @@ def _run_here(cell: Cell, root: Path, cfg: DictConfig, on_eval: OnEval | None, s
         "pid": os.getpid(),
     }
     try:
-        if cell.shard:  # what auto resolved to; the record's config keeps "auto"
-            cfg = copy.deepcopy(cfg)
+        if cell.shard:  # what auto resolved to (cfg is this call's copy); the record keeps "auto"
             cfg.train.shard = cell.shard
         torch.set_num_threads(max(1, cfg.train.threads))  # float sums depend on the thread count
         record["seeds"] = seed_everything(cfg.seed)

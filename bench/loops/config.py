@@ -58,7 +58,7 @@ class Precision(str, Enum):
 class Shard(str, Enum):
     """How an N-rank cell holds its policy and frozen reference: whole on every rank (replicate),
     sharded with FSDP2 (fsdp), or fsdp only where ``bench plan`` says the cell does not fit on
-    one GPU (auto, resolved by the runner on the compute node)."""
+    one GPU (auto, resolved by the job on its node: ``Cell.shard``)."""
 
     auto = "auto"
     replicate = "replicate"

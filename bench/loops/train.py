@@ -348,7 +348,7 @@ def train(
     # model only on rank 0 once torch.distributed is initialized.
     policy, tok = task.load_policy()
     rank, size = init_from_env(device.type)  # (0, 1) unless launched as train.nproc ranks
-    sharded = size > 1 and tc.shard.value == "fsdp"  # the runner resolved auto
+    sharded = size > 1 and tc.shard.value == "fsdp"  # auto was resolved by the job (Cell.shard)
     monitor = monitor or Monitor(run_dir)
     monitor.rank = rank  # only rank 0 writes and logs
     if device.type == "cuda" and size > 1:
